@@ -1,0 +1,184 @@
+"""Mixture controllers: decide, from training signals, how much each source contributes to a batch.
+
+A controller is a Lightning callback with one override point, :meth:`MixtureController.decide`:
+signals in (the current task, progress, the latest probe loss of every task), weights out (one per
+trained task; earlier tasks are replayed from their buffers, later tasks must get 0). The base class
+does the rest: it asks for a decision at the start of every task and then every
+``decision_interval`` optimizer steps, runs :meth:`decide` on every rank and broadcasts rank 0's
+answer (so ranks always agree), and schedules the weights on the DataModule's sampler
+(:meth:`~lightning_cit.datamodules.ContinualInstructionDataModule.set_mixture`).
+
+Timing: batches are drawn ahead of the step that trains on them (``datamodule.draw_ahead``: the one
+Lightning prefetches plus the one in flight), so the decision for batch ``b`` is taken at the start
+of batch ``b - draw_ahead`` and keyed by ``b``. Probe signals therefore lag a decision by
+``draw_ahead`` batches; in exchange a run is bit-for-bit reproducible and resumes exactly.
+
+Controllers shipped here (the paper baselines; ProxyMix and MSSR build on the same protocol):
+
+- :class:`NoReplay`: only the current task.
+- :class:`FixedRatio`: ``ratio`` of every batch spread uniformly over the earlier tasks.
+- :class:`Proportional`: every accessible source weighted by its latest probe loss.
+"""
+
+from __future__ import annotations
+
+from lightning_cit.errors import ConfigError
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+
+@dataclass
+class MixtureSignals:
+    """What a controller sees at a decision point."""
+
+    task_index: int
+    """0-based index of the task being trained."""
+    num_tasks: int
+    """Trained tasks in the sequence."""
+    batch_in_task: int
+    """First batch (within the task) the decision applies to."""
+    steps_in_task: int
+    """Optimizer steps of the current task."""
+    progress: float
+    """``batch_in_task / batches_in_task`` in [0, 1)."""
+    probe_losses: list[float | None]
+    """Latest probe loss per task (None before the first probe of that task; future tasks None)."""
+    source_sizes: list[int]
+    """Entries per accessible source (buffers of earlier tasks, then the current task's data)."""
+
+
+class MixtureController(Callback):
+    """Base class: override :meth:`decide`. ``decision_interval`` is in optimizer steps (None: once per task)."""
+
+    needs_probes = False
+
+    def __init__(self, decision_interval: int | None = None) -> None:
+        if decision_interval is not None and decision_interval < 1:
+            raise ConfigError(f"decision_interval must be a positive number of optimizer steps or null, got {decision_interval}")
+        self.decision_interval = decision_interval
+        self.decisions: list[dict[str, Any]] = []
+
+    def decide(self, signals: MixtureSignals) -> list[float]:
+        """Mixture weights over all trained tasks (future ones 0) for the coming interval."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------- plumbing
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "set_mixture"):
+            raise RuntimeError(f"{type(self).__name__} needs a DataModule with set_mixture() (ContinualInstructionDataModule)")
+        if self.decision_interval is not None:
+            interval_batches = self.decision_interval * trainer.accumulate_grad_batches
+            if interval_batches < dm.draw_ahead:
+                raise ConfigError(
+                    f"{type(self).__name__}.decision_interval={self.decision_interval} steps is shorter than the "
+                    f"{dm.draw_ahead} batches the loader draws ahead; use a decision_interval of at least {dm.draw_ahead}"
+                )
+        if self.needs_probes and _find_evaluator(trainer) is None:
+            raise ConfigError(f"{type(self).__name__} reads probe losses: add lightning_cit.callbacks.ForgettingEvaluator to trainer.callbacks")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._decide_for(trainer, batch=0)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.decision_interval is None:
+            return
+        dm = trainer.datamodule
+        target = batch_idx + dm.draw_ahead
+        interval_batches = self.decision_interval * trainer.accumulate_grad_batches
+        if target % interval_batches == 0 and target < dm.batches_for(trainer.current_epoch):
+            self._decide_for(trainer, batch=target)
+
+    def _decide_for(self, trainer: pl.Trainer, batch: int) -> None:
+        dm = trainer.datamodule
+        task = trainer.current_epoch
+        if dm.has_decision(task, batch):  # already taken before a resume
+            return
+        evaluator = _find_evaluator(trainer)
+        losses = evaluator.latest_probe_losses(dm.num_tasks) if evaluator is not None else [None] * dm.num_tasks
+        batches = dm.batches_for(task)
+        signals = MixtureSignals(
+            task_index=task,
+            num_tasks=dm.num_tasks,
+            batch_in_task=batch,
+            steps_in_task=dm.steps_for(task),
+            progress=batch / batches,
+            probe_losses=[loss if j <= task else None for j, loss in enumerate(losses)],
+            source_sizes=[len(dm.buffers.get(j, ())) for j in range(task)] + [len(dm.train_tasks[task].train)],
+        )
+        weights = [float(w) for w in self.decide(signals)]
+        weights = trainer.strategy.broadcast(weights, src=0)
+        dm.set_mixture(weights, from_batch=batch, task_index=task)
+        self.decisions.append({"task": task, "batch": batch, "weights": weights})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decisions": list(self.decisions)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.decisions = list(state_dict.get("decisions", []))
+
+
+def _find_evaluator(trainer: pl.Trainer) -> Any:
+    from lightning_cit.callbacks.forgetting import ForgettingEvaluator
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, ForgettingEvaluator)), None)
+
+
+def _only_current(signals: MixtureSignals) -> list[float]:
+    return [1.0 if j == signals.task_index else 0.0 for j in range(signals.num_tasks)]
+
+
+class NoReplay(MixtureController):
+    """Sequential fine-tuning: every sample comes from the current task."""
+
+    def decide(self, signals: MixtureSignals) -> list[float]:
+        return _only_current(signals)
+
+
+class FixedRatio(MixtureController):
+    """A fixed share ``ratio`` of each batch is replay, spread uniformly over the earlier tasks.
+
+    Args:
+        ratio: fraction of each batch drawn from replay buffers, in [0, 1].
+    """
+
+    def __init__(self, ratio: float = 0.2) -> None:
+        super().__init__(decision_interval=None)
+        if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
+            raise ConfigError(f"FixedRatio.ratio={ratio!r} must lie in [0, 1]")
+        self.ratio = float(ratio)
+
+    def decide(self, signals: MixtureSignals) -> list[float]:
+        k = signals.task_index
+        if k == 0:
+            return _only_current(signals)
+        return [self.ratio / k if j < k else (1.0 - self.ratio if j == k else 0.0) for j in range(signals.num_tasks)]
+
+
+class Proportional(MixtureController):
+    """Each accessible source (earlier buffers and the current task) weighted by its latest probe loss.
+
+    Sources not probed yet get the mean of the probed ones (uniform before any probe).
+
+    Args:
+        decision_interval: optimizer steps between decisions.
+    """
+
+    needs_probes = True
+
+    def __init__(self, decision_interval: int = 50) -> None:
+        super().__init__(decision_interval=decision_interval)
+
+    def decide(self, signals: MixtureSignals) -> list[float]:
+        k = signals.task_index
+        seen = [signals.probe_losses[j] for j in range(k + 1)]
+        known = [loss for loss in seen if loss is not None and loss > 0]
+        fill = sum(known) / len(known) if known else 1.0
+        weights = [(loss if loss is not None and loss > 0 else fill) for loss in seen]
+        return weights + [0.0] * (signals.num_tasks - k - 1)

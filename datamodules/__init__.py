@@ -1,0 +1,5 @@
+"""Lightning DataModules of lightning-cit."""
+
+from lightning_cit.datamodules.continual import ContinualInstructionDataModule
+
+__all__ = ["ContinualInstructionDataModule"]

@@ -1,0 +1,304 @@
+"""``ContinualInstructionDataModule``: a task sequence streamed through the mixture sampler.
+
+One ``fit`` walks the whole sequence; **task index = epoch index**. The DataModule asks Lightning to
+rebuild the train dataloader at every epoch (``reload_dataloaders_every_n_epochs=1``) and builds it
+for task ``trainer.current_epoch``: a :class:`~lightning_cit.sampler.MixtureSampler` over the replay
+buffers of the earlier tasks and the current task's data, with the weights the mixture controller
+scheduled. So ``on_train_epoch_start`` / ``on_train_epoch_end`` are the task-start / task-end events,
+an end-of-epoch checkpoint is an end-of-task checkpoint, and ``--ckpt_path`` restores the task index.
+
+Sizes are global: ``global_batch_size`` samples per optimizer step across all ranks and
+accumulation steps; the per-rank micro-batch is ``global_batch_size / (world_size *
+accumulate_grad_batches)`` and must divide exactly. A task lasts ``steps`` optimizer steps.
+
+Controllers reach the sampler through :meth:`set_mixture` only; buffers are filled when a task
+ends (lazily, at the latest when the next task's dataloader is built) by the selection policy.
+"""
+
+from __future__ import annotations
+
+from lightning_cit.errors import ConfigError
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_cit.collate import Collator
+from lightning_cit.replay import SELECTION_POLICIES, ReplayBuffer, check_capacity, resolve_capacity, select
+from lightning_cit.sampler import MixtureSampler
+from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, load_task, validate_specs
+
+GENERATED_ID_BASE = 1_000_000_000
+
+
+class _MixtureDataset(Dataset):
+    """Resolves sampler keys ``(source, position)`` to samples for one task's epoch."""
+
+    def __init__(self, datamodule: ContinualInstructionDataModule, task_index: int) -> None:
+        self.dm = datamodule
+        self.task_index = task_index
+
+    def __len__(self) -> int:
+        return len(self.dm.train_tasks[self.task_index].train)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        source, position = key
+        if source == self.task_index:
+            return self.dm.sample(source, position, source_id=source, is_replay=False)
+        entry = self.dm.buffers[source].entries[position]
+        if isinstance(entry, dict):
+            sample = dict(entry)
+            sample.setdefault("sample_id", GENERATED_ID_BASE + source * 1_000_000 + position)
+            sample.update(task_id=source, source_id=source, is_replay=True)
+            return sample
+        return self.dm.sample(source, int(entry), source_id=source, is_replay=True)
+
+
+class ContinualInstructionDataModule(pl.LightningDataModule):
+    """A continual instruction-tuning sequence: task data, replay buffers, a controller-driven sampler.
+
+    Args:
+        tasks: the sequence, in training order (see :class:`~lightning_cit.tasks.TaskSpec`).
+        global_batch_size: samples per optimizer step over all ranks and accumulation steps.
+        steps_per_task: optimizer steps per task unless the task sets ``steps``.
+        buffer_size: replay memory per finished task: a count (int) or a fraction of the task (float).
+        buffer_policy: how a finished task's buffer is filled: ``random``, ``reservoir`` or ``first``.
+        max_length: tokens per training sample (prompt + response); longer samples are truncated.
+        seed: seeds data splits, buffer selection and the sampler's draws.
+        num_workers: DataLoader worker processes (0 draws and collates in the main process).
+    """
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        global_batch_size: int = 32,
+        steps_per_task: int = 300,
+        buffer_size: int | float = 0.1,
+        buffer_policy: str = "random",
+        max_length: int = 256,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
+        validate_specs(tasks)
+        check_capacity(buffer_size)
+        if buffer_policy not in SELECTION_POLICIES:
+            raise ConfigError(f"data.buffer_policy={buffer_policy!r} is unknown; valid: {', '.join(SELECTION_POLICIES)}")
+        for name, value in (("global_batch_size", global_batch_size), ("steps_per_task", steps_per_task), ("max_length", max_length)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
+        self.specs = tasks
+        self.global_batch_size = global_batch_size
+        self.steps_per_task = steps_per_task
+        self.buffer_size = buffer_size
+        self.buffer_policy = buffer_policy
+        self.max_length = max_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer: Any = None
+        self.train_tasks: list[TaskData] = []
+        self.eval_only_tasks: list[TaskData] = []
+        self.buffers: dict[int, ReplayBuffer] = {}
+        self.schedule: dict[int, dict[int, list[float]]] = {}
+        self._resume_position: tuple[int, int] | None = None
+        self._collator: Collator | None = None
+
+    # ---------------------------------------------------------------------------------------- set-up
+    @property
+    def task_names(self) -> list[str]:
+        """Names of the trained tasks, in order (the columns of the score matrix)."""
+        return [s.name for s in self.specs if s.train]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def connect(self, tokenizer: Any) -> None:
+        """Give the DataModule the model's tokenizer (done by :meth:`setup` from ``ContinualLM``)."""
+        self.tokenizer = tokenizer
+
+    def load_tasks(self) -> None:
+        """Read and validate every task's data (idempotent; raises ``TaskDataError`` with a precise message)."""
+        if self.train_tasks:
+            return
+        loaded = [load_task(spec, seed=self.seed) for spec in self.specs]
+        self.train_tasks = [t for t in loaded if t.spec.train]
+        self.eval_only_tasks = [t for t in loaded if not t.spec.train]
+
+    def setup(self, stage: str) -> None:
+        self.load_tasks()
+        if self.tokenizer is None and self.trainer is not None:
+            self.tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        if self.tokenizer is None:
+            raise RuntimeError("ContinualInstructionDataModule needs a tokenizer: call connect(tokenizer) or use a module with `.tokenizer`")
+        self._collator = Collator(self.tokenizer, self.max_length, self.task_names)
+        if stage == "fit" and self.trainer is not None:
+            self._check_trainer()
+
+    def _check_trainer(self) -> None:
+        trainer = self.trainer
+        if trainer.max_epochs != self.num_tasks:
+            raise ConfigError(
+                f"trainer.max_epochs={trainer.max_epochs} but the sequence has {self.num_tasks} trained tasks; "
+                f"one epoch is one task, so set trainer.max_epochs={self.num_tasks} (the lightning-cit CLI does this for you)"
+            )
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ConfigError("set trainer.reload_dataloaders_every_n_epochs=1: each epoch (task) builds its own dataloader")
+        self.micro_batch_size  # raises when the global batch does not divide
+
+    @property
+    def micro_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if self.global_batch_size % (world * accumulate):
+            raise ConfigError(
+                f"data.global_batch_size={self.global_batch_size} is not divisible by world_size ({world}) x "
+                f"trainer.accumulate_grad_batches ({accumulate}); choose sizes whose product divides it"
+            )
+        return self.global_batch_size // (world * accumulate)
+
+    @property
+    def draw_ahead(self) -> int:
+        """How many batches are drawn before the training step that consumes the current one.
+
+        Lightning prefetches one batch; worker processes prefetch ``prefetch_factor`` (2) batches
+        each. Controllers schedule a decision at least this many batches ahead.
+        """
+        return 2 + 2 * self.num_workers
+
+    def steps_for(self, task_index: int) -> int:
+        return self.train_tasks[task_index].spec.steps or self.steps_per_task
+
+    def task_start_step(self, task_index: int) -> int:
+        """Global optimizer step at which ``task_index`` starts."""
+        return sum(self.steps_for(k) for k in range(task_index))
+
+    def batches_for(self, task_index: int) -> int:
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        return self.steps_for(task_index) * accumulate
+
+    # -------------------------------------------------------------------------------------- samples
+    def sample(self, task_index: int, position: int, source_id: int, is_replay: bool) -> dict:
+        sample = dict(self.train_tasks[task_index].train[position])
+        offset = sum(len(t.train) for t in self.train_tasks[:task_index])
+        sample.update(sample_id=offset + position, task_id=task_index, source_id=source_id, is_replay=is_replay)
+        return sample
+
+    def end_task(self, task_index: int) -> ReplayBuffer:
+        """Fill the replay buffer of a finished task (once; later calls return the existing buffer)."""
+        if task_index not in self.buffers:
+            size = len(self.train_tasks[task_index].train)
+            capacity = resolve_capacity(self.buffer_size, size)
+            picked = select(size, capacity, self.buffer_policy, seed=self.seed * 1000 + task_index)
+            self.buffers[task_index] = ReplayBuffer(task_index, picked)
+        return self.buffers[task_index]
+
+    # -------------------------------------------------------------------------------------- mixture
+    def set_mixture(self, weights: list[float], from_batch: int, task_index: int | None = None) -> None:
+        """Schedule mixture weights (one per trained task) from ``from_batch`` of the task on.
+
+        Weights for future tasks must be zero; earlier tasks whose buffer is empty are dropped and
+        the rest renormalized. Called by mixture controllers; identical on every rank.
+        """
+        task_index = self.trainer.current_epoch if task_index is None else task_index
+        weights = [float(w) for w in weights]
+        if len(weights) != self.num_tasks:
+            raise ConfigError(f"mixture has {len(weights)} weights for {self.num_tasks} tasks")
+        if any(w < 0 or w != w for w in weights):
+            raise ConfigError(f"mixture weights must be finite and >= 0, got {weights}")
+        if any(w > 0 for w in weights[task_index + 1 :]):
+            raise ConfigError(f"mixture {weights} puts weight on future tasks (current task index {task_index})")
+        self.schedule.setdefault(task_index, {})[int(from_batch)] = weights
+
+    def has_decision(self, task_index: int, batch: int) -> bool:
+        return batch in self.schedule.get(task_index, {})
+
+    def weights_for(self, task_index: int, batch: int) -> list[float]:
+        """The weights in force for ``batch`` of ``task_index``, over its sources (buffers then current)."""
+        decisions = self.schedule.get(task_index, {})
+        keys = [b for b in decisions if b <= batch]
+        if keys:
+            weights = list(decisions[max(keys)][: task_index + 1])
+        else:
+            weights = [0.0] * task_index + [1.0]
+        for j in range(task_index):
+            if len(self.buffers.get(j, ())) == 0:
+                weights[j] = 0.0
+        if sum(weights) <= 0:
+            weights[task_index] = 1.0
+        total = sum(weights)
+        return [w / total for w in weights]
+
+    # ---------------------------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> DataLoader:
+        task_index = self.trainer.current_epoch
+        if task_index >= self.num_tasks:
+            raise RuntimeError(f"epoch {task_index} has no task: the sequence has {self.num_tasks} tasks")
+        for earlier in range(task_index):
+            self.end_task(earlier)
+        start = 0
+        if self._resume_position is not None:
+            resume_task, resume_batch = self._resume_position
+            if resume_task == task_index and 0 < resume_batch < self.batches_for(task_index):
+                start = resume_batch
+            self._resume_position = None
+        sources = [len(self.buffers[j]) for j in range(task_index)] + [len(self.train_tasks[task_index].train)]
+        sampler = MixtureSampler(
+            source_sizes=sources,
+            weights_for_batch=lambda b: self.weights_for(task_index, b),
+            task_index=task_index,
+            num_batches=self.batches_for(task_index),
+            micro_batch_size=self.micro_batch_size,
+            world_size=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+            seed=self.seed,
+            start_batch=start,
+            source_weights=[self.buffers[j].sampling_weights() for j in range(task_index)] + [None],
+        )
+        rank_zero_info(
+            f"task {task_index + 1}/{self.num_tasks} {self.task_names[task_index]!r}: {self.steps_for(task_index)} steps, "
+            f"buffers {sources[:-1]}" + (f", resuming at batch {start}" if start else "")
+        )
+        return DataLoader(
+            _MixtureDataset(self, task_index),
+            batch_sampler=sampler,
+            collate_fn=self._collator,
+            num_workers=self.num_workers,
+        )
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluation_tasks(self) -> list[TaskData]:
+        """Every task scored by the evaluator: the trained ones in order, then evaluation-only probes."""
+        self.load_tasks()
+        return self.train_tasks + self.eval_only_tasks
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        position = None
+        if self.trainer is not None and self.trainer.training:
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            # batches whose training step ran; Lightning resumes at this batch index
+            position = (self.trainer.current_epoch, progress.processed)
+        return {
+            "schedule": {k: dict(v) for k, v in self.schedule.items()},
+            "buffers": {j: b.state_dict() for j, b in self.buffers.items()},
+            "position": position,
+            "truncated": dict(self._collator.truncated) if self._collator else {},
+            "tasks": [asdict(s) for s in self.specs],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = [s["name"] for s in state.get("tasks", []) if s.get("train", True)]
+        if saved and saved != self.task_names:
+            raise TaskDataError(f"the checkpoint was trained on tasks {saved}, this run defines {self.task_names}")
+        self.schedule = {int(k): {int(b): list(w) for b, w in v.items()} for k, v in state["schedule"].items()}
+        self.buffers = {}
+        for j, buffer_state in state["buffers"].items():
+            buffer = ReplayBuffer(int(j))
+            buffer.load_state_dict(buffer_state)
+            self.buffers[int(j)] = buffer
+        self._resume_position = tuple(state["position"]) if state.get("position") else None

@@ -1,0 +1,102 @@
+"""The aligned tiny base: the built-in Llama briefly pre-trained on a general mixture plus safety.
+
+It stands in for an aligned chat model at ``cit-synth`` scale: it repeats words on request (the
+general mixture), answers benign requests and refuses harmful ones (the safety task). Continual
+runs can start from it with full fine-tuning or LoRA (``model: aligned-base``) and watch the safety
+behaviour erode. It is trained once per architecture with a plain PyTorch loop (about 20 s on two
+cores), saved as a Hugging Face checkpoint directory with its tokenizer, and cached under
+``$LIGHTNING_CIT_CACHE`` (default ``~/.cache/lightning-cit``), keyed by the architecture and recipe.
+
+``lightning-cit prepare-base [--out DIR]`` prepares it ahead of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+RECIPE = {"mixture": {"echo": 0.5, "safety": 0.5}, "steps": 400, "batch_size": 32, "lr": 1e-3, "seed": 1234, "version": 1}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(os.path.expanduser(cache_dir or os.environ.get("LIGHTNING_CIT_CACHE") or "~/.cache/lightning-cit"))
+
+
+def ensure_aligned_base(shape, cache_dir: str | None = None, out: str | None = None) -> str:
+    """Path of the aligned base for ``shape`` (a :class:`~lightning_cit.module.TinyLlama`), trained if absent."""
+    key = hashlib.sha256(json.dumps({"shape": asdict(shape), "recipe": RECIPE}, sort_keys=True).encode()).hexdigest()[:12]
+    target = Path(out) if out else cache_root(cache_dir) / f"aligned-base-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        _train(shape, staging)
+        try:
+            os.replace(staging, target)  # atomic: a concurrent rank may have won the race
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _train(shape, out: Path) -> None:
+    from lightning_cit import synth
+    from lightning_cit.collate import Collator
+    from lightning_cit.module import build_tiny_llama, per_sample_loss
+    from lightning_cit.tasks import TaskSpec, _normalize
+
+    tokenizer = synth.build_char_tokenizer()
+    generator = torch.Generator().manual_seed(RECIPE["seed"])
+    with torch.random.fork_rng():
+        torch.manual_seed(RECIPE["seed"])
+        model = build_tiny_llama(tokenizer, shape)
+    pools = {
+        name: [_normalize(TaskSpec(name=name, source=f"synth:{name}"), r, name) for r in synth.generate(name, 2000, seed=99, split="train")]
+        for name in RECIPE["mixture"]
+    }
+    names, weights = list(RECIPE["mixture"]), list(RECIPE["mixture"].values())
+    rng = random.Random(RECIPE["seed"])
+    collate = Collator(tokenizer, 256, names)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"])
+    steps = RECIPE["steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    model.train()
+    for _ in range(steps):
+        batch = collate([rng.choice(pools[rng.choices(names, weights)[0]]) for _ in range(RECIPE["batch_size"])])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, counts = per_sample_loss(logits, batch["labels"])
+        loss = (losses * counts).sum() / counts.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    del generator
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "lightning_cit_base.json").write_text(json.dumps({"shape": asdict(shape), "recipe": RECIPE, "final_loss": float(loss)}, indent=2))
+
+
+def main(argv: list[str]) -> int:
+    from lightning_cit.module import TinyLlama
+
+    parser = argparse.ArgumentParser(prog="lightning-cit prepare-base", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="directory to write (default: the cache)")
+    parser.add_argument("--cache_dir", default=None, help="cache root (default: $LIGHTNING_CIT_CACHE or ~/.cache/lightning-cit)")
+    args = parser.parse_args(argv)
+    path = ensure_aligned_base(TinyLlama(), cache_dir=args.cache_dir, out=args.out)
+    print(path)
+    return 0

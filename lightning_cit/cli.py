@@ -1,0 +1,127 @@
+"""The ``lightning-cit`` command: a LightningCLI for ``fit``/``validate``/``test``, plus tool subcommands.
+
+``lightning-cit fit --config configs/quickstart.yaml`` trains a whole task sequence in one ``fit``.
+Tool subcommands that are not Trainer entry points (``prepare-base`` here; later ``proxymix``,
+``report``) are dispatched by name before LightningCLI sees the arguments: register one in
+:data:`SUBCOMMANDS` as ``name -> "module:function"`` taking ``argv`` and returning an exit code.
+
+The CLI sets ``trainer.max_epochs`` to the number of trained tasks (one epoch per task), turns on
+``reload_dataloaders_every_n_epochs=1`` and ``use_distributed_sampler=False`` (the mixture sampler
+is rank-aware itself), and reports bad input as one ``error:`` line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_cit.errors import ConfigError
+
+SUBCOMMANDS: dict[str, str] = {
+    "prepare-base": "lightning_cit.base:main",
+}
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "use_distributed_sampler": False,
+    "reload_dataloaders_every_n_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+}
+
+
+class CITCLI(LightningCLI):
+    """LightningCLI over :class:`~lightning_cit.ContinualLM` and the continual DataModule."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from lightning_cit.datamodules import ContinualInstructionDataModule
+        from lightning_cit.module import ContinualLM
+
+        kwargs.setdefault("trainer_defaults", dict(TRAINER_DEFAULTS))
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(ContinualLM, ContinualInstructionDataModule, *args, **kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        tasks = self.datamodule.num_tasks
+        if config.get("max_epochs") not in (None, -1, tasks):
+            raise ConfigError(
+                f"trainer.max_epochs={config['max_epochs']} but the sequence has {tasks} trained tasks; one epoch is one "
+                "task, so leave trainer.max_epochs unset"
+            )
+        config["max_epochs"] = tasks
+        for key, value in TRAINER_DEFAULTS.items():
+            if key in ("use_distributed_sampler", "reload_dataloaders_every_n_epochs") and config.get(key) != value:
+                raise ConfigError(f"trainer.{key} must be {value} for continual runs (the mixture sampler handles ranks and tasks)")
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        # read every task file now, so malformed data fails before any model is built or file written
+        self.datamodule.load_tasks()
+
+
+def _check_class_paths(argv: list[str]) -> None:
+    """Unknown ``lightning_cit.*`` class paths get a message listing the valid names."""
+    import yaml
+
+    texts = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            try:
+                with open(argv[i + 1], encoding="utf-8") as handle:
+                    texts.append(handle.read())
+            except OSError as err:
+                raise ConfigError(f"cannot read config {argv[i + 1]!r}: {err.strerror}") from None
+        elif arg.startswith("--config="):
+            with open(arg.split("=", 1)[1], encoding="utf-8") as handle:
+                texts.append(handle.read())
+    paths: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "class_path" and isinstance(value, str):
+                    paths.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for text in texts:
+        try:
+            walk(yaml.safe_load(text))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config is not valid YAML: {err}") from None
+    for path in paths:
+        module_name, _, name = path.rpartition(".")
+        if not module_name.startswith("lightning_cit"):
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise ConfigError(f"unknown module in class_path {path!r}") from None
+        if not hasattr(module, name):
+            public = sorted(n for n in getattr(module, "__all__", dir(module)) if not n.startswith("_") and n[0].isupper())
+            kind = "controller or callback" if module_name.endswith("callbacks") else "class"
+            raise ConfigError(f"unknown {kind} {name!r} in class_path {path!r}; valid: {', '.join(public)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    explicit = argv is not None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module_name, _, function = SUBCOMMANDS[argv[0]].partition(":")
+        return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
+    try:
+        _check_class_paths(argv)
+        CITCLI(args=argv if explicit else None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

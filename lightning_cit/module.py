@@ -1,0 +1,346 @@
+"""``ContinualLM``: the LightningModule that tunes one causal LM through a whole task sequence.
+
+The model is built in :meth:`configure_model` (so strategies can shard it) from
+
+- ``model: tiny``: a small ``LlamaForCausalLM`` built from :class:`TinyLlama` with the built-in
+  character tokenizer (random initialization, trained from scratch);
+- ``model: aligned-base``: the same architecture briefly pre-trained on a general mixture plus
+  the safety task and cached on disk (:mod:`lightning_cit.base`), a stand-in for an aligned chat model;
+- any other string: a local Hugging Face checkpoint directory, loaded offline with ``from_pretrained``.
+
+``lora`` (peft ``LoraConfig`` fields) adds LoRA adapters and freezes the base; ``quantization: nf4``
+loads the base in 4-bit NF4 through bitsandbytes (QLoRA; it runs on CPU too). With no adapter
+configured every parameter is trained.
+
+The learning rate follows a per-task schedule (linear warmup, then cosine or linear decay) that
+restarts at every task; ``reset_optimizer_state`` clears the optimizer's moments at each task start.
+Training steps return per-sample losses (``outputs["per_sample_loss"]`` with the batch's
+``sample_ids``/``task_ids``/``source_ids``) so callbacks can read them in ``on_train_batch_end``.
+"""
+
+from __future__ import annotations
+
+from lightning_cit.errors import ConfigError
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_cit.collate import IGNORE_INDEX, Collator, left_padded_prompts
+from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+QUANTIZATIONS = ("nf4", "fp4")
+
+
+@dataclass
+class TinyLlama:
+    """Shape of the built-in tiny Llama (``model: tiny`` / ``aligned-base``)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    intermediate_size: int = 256
+    """Width of the MLP."""
+    num_hidden_layers: int = 2
+    """Decoder layers."""
+    num_attention_heads: int = 4
+    """Attention heads (no grouped-query attention)."""
+    max_position_embeddings: int = 256
+    """Longest sequence the rotary embedding is set up for."""
+
+
+def build_tiny_llama(tokenizer: Any, shape: TinyLlama) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean loss of each sample and its number of target tokens (labels already aligned to inputs)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
+
+
+class ContinualLM(pl.LightningModule):
+    """A causal LM tuned on a sequence of instruction tasks.
+
+    Args:
+        model: ``tiny``, ``aligned-base`` or a local Hugging Face checkpoint directory.
+        tiny: architecture of ``tiny`` / ``aligned-base``.
+        tokenizer: a local tokenizer directory; None uses the model's own (or the built-in one).
+        lora: peft ``LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``); None = full fine-tuning.
+        quantization: ``nf4`` or ``fp4`` loads the base in 4-bit with bitsandbytes (needs ``lora``); None = no quantization.
+        learning_rate: peak learning rate of every task.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup at the start of every task (optimizer steps).
+        lr_schedule: ``cosine``, ``linear`` or ``constant`` decay after warmup, restarted every task.
+        min_lr_ratio: the decay ends at ``learning_rate * min_lr_ratio``.
+        reset_optimizer_state: clear AdamW's moments at each task start.
+        eval_batch_size: prompts per generation / scoring batch during evaluation.
+        base_cache_dir: where ``aligned-base`` is cached (default ``$LIGHTNING_CIT_CACHE`` or ``~/.cache/lightning-cit``).
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        tiny: TinyLlama | None = None,
+        tokenizer: str | None = None,
+        lora: dict[str, Any] | None = None,
+        quantization: str | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        lr_schedule: str = "linear",
+        min_lr_ratio: float = 0.0,
+        reset_optimizer_state: bool = False,
+        eval_batch_size: int = 64,
+        base_cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"model.lr_schedule={lr_schedule!r} is unknown; valid: {', '.join(LR_SCHEDULES)}")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ConfigError(f"model.quantization={quantization!r} is unknown; valid: {', '.join(QUANTIZATIONS)} or null")
+        if quantization is not None and not lora:
+            raise ConfigError("model.quantization needs model.lora: a 4-bit base is frozen, only adapters train")
+        if lora is not None:
+            _check_lora_fields(lora)
+        if model not in ("tiny", "aligned-base") and not os.path.isdir(os.path.expanduser(model)):
+            raise ConfigError(f"model.model={model!r} is neither 'tiny', 'aligned-base' nor an existing local checkpoint directory")
+        self.save_hyperparameters()
+        self.model_name = model
+        self.tiny = tiny or TinyLlama()
+        self.lora = lora
+        self.quantization = quantization
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
+        self.reset_optimizer_state = reset_optimizer_state
+        self.eval_batch_size = eval_batch_size
+        self.base_cache_dir = base_cache_dir
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = self._load_tokenizer(tokenizer)
+
+    # ----------------------------------------------------------------------------------- building
+    def _checkpoint_dir(self) -> str | None:
+        if self.model_name == "tiny":
+            return None
+        if self.model_name == "aligned-base":
+            from lightning_cit.base import ensure_aligned_base
+
+            return ensure_aligned_base(self.tiny, cache_dir=self.base_cache_dir)
+        return os.path.expanduser(self.model_name)
+
+    def _load_tokenizer(self, tokenizer: str | None) -> Any:
+        if tokenizer is None and self.model_name == "tiny":
+            from lightning_cit.synth import build_char_tokenizer
+
+            return build_char_tokenizer()
+        if tokenizer is None and self.model_name == "aligned-base":
+            from lightning_cit.synth import build_char_tokenizer
+
+            return build_char_tokenizer()  # the aligned base is saved with this same tokenizer
+        from transformers import AutoTokenizer
+
+        source = os.path.expanduser(tokenizer or self.model_name)
+        loaded = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        if loaded.pad_token is None:
+            loaded.pad_token = loaded.eos_token
+        return loaded
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        path = self._checkpoint_dir()
+        if path is None:
+            model = build_tiny_llama(self.tokenizer, self.tiny)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            kwargs: dict[str, Any] = {"local_files_only": True}
+            if self.quantization:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type=self.quantization,
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16,
+                )
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if self.lora:
+            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+            if self.quantization:
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            config = LoraConfig(task_type="CAUSAL_LM", **self.lora)
+            model = get_peft_model(model, config)
+        self.model = model
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        losses, counts = per_sample_loss(logits, batch["labels"])
+        # token-weighted mean over the batch, the usual SFT objective
+        loss = (losses * counts).sum() / counts.sum().clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
+        return {
+            "loss": loss,
+            "per_sample_loss": losses.detach(),
+            "sample_ids": batch["sample_ids"],
+            "task_ids": batch["task_ids"],
+            "source_ids": batch["source_ids"],
+        }
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _task_bounds(self, step: int) -> tuple[int, int]:
+        """(step within its task, steps of that task) for a global optimizer step."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "steps_for"):
+            total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+            return step, int(total)
+        start = 0
+        for k in range(dm.num_tasks):
+            length = dm.steps_for(k)
+            if step < start + length:
+                return step - start, length
+            start += length
+        return length, length
+
+    def _lr_factor(self, step: int) -> float:
+        position, length = self._task_bounds(step)
+        if position < self.warmup_steps:
+            return (position + 1) / (self.warmup_steps + 1)
+        if self.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (position - self.warmup_steps) / max(1, length - self.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.lr_schedule == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay
+
+    def on_train_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        task = self.current_epoch
+        starting_fresh = dm is None or not hasattr(dm, "task_start_step") or self.global_step == dm.task_start_step(task)
+        if self.reset_optimizer_state and task > 0 and starting_fresh:
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
+
+    # --------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def probe_loss(self, samples: list[dict], max_length: int = 256) -> float:
+        """Mean teacher-forced loss over ``samples`` (the cheap probe the controllers read)."""
+        losses = self._sample_losses(samples, max_length)
+        return float(sum(losses) / max(1, len(losses)))
+
+    @torch.no_grad()
+    def _sample_losses(self, samples: list[dict], max_length: int = 256) -> list[float]:
+        collate = Collator(self.tokenizer, max_length, [])
+        out: list[float] = []
+        for i in range(0, len(samples), self.eval_batch_size):
+            batch = collate(samples[i : i + self.eval_batch_size])
+            logits = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            losses, _ = per_sample_loss(logits, batch["labels"].to(self.device))
+            out.extend(losses.tolist())
+        return out
+
+    @torch.no_grad()
+    def generate_answers(self, samples: list[dict], max_new_tokens: int) -> list[str]:
+        """Greedy answers to each sample's prompt, batched with left padding (KV cache on)."""
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        answers: list[str] = []
+        for i in range(0, len(samples), self.eval_batch_size):
+            chunk = samples[i : i + self.eval_batch_size]
+            batch = left_padded_prompts(self.tokenizer, [s["messages"] for s in chunk], pad_id)
+            output = self.model.generate(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            answers.extend(self.tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True))
+        return answers
+
+    @torch.no_grad()
+    def choose_options(self, samples: list[dict]) -> list[int]:
+        """Index of the option with the highest total log-likelihood as the answer to each prompt."""
+        expanded = [
+            {"messages": s["messages"], "response": str(option), "index": (i, j)}
+            for i, s in enumerate(samples)
+            for j, option in enumerate(s["options"])
+        ]
+        collate = Collator(self.tokenizer, 10_000, [])
+        scores: dict[tuple[int, int], float] = {}
+        for start in range(0, len(expanded), self.eval_batch_size):
+            chunk = expanded[start : start + self.eval_batch_size]
+            batch = collate(chunk)
+            logits = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            losses, counts = per_sample_loss(logits, batch["labels"].to(self.device))
+            for sample, loss, count in zip(chunk, losses.tolist(), counts.tolist()):
+                scores[sample["index"]] = -loss * count
+        return [max(range(len(s["options"])), key=lambda j: scores[(i, j)]) for i, s in enumerate(samples)]
+
+    def evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int) -> dict[str, list]:
+        """Per-sample ``scores`` (0..100), teacher-forced ``losses`` and ``predictions`` for one task.
+
+        This is the method :class:`~lightning_cit.callbacks.ForgettingEvaluator` calls; a module of
+        another project implements the same signature to be evaluated.
+        """
+        losses = self._sample_losses(samples)
+        if metric == MC_ACCURACY:
+            chosen = self.choose_options(samples)
+            predictions = [str(s["options"][c]) for s, c in zip(samples, chosen)]
+            scores = [100.0 * (c == int(s["answer_index"])) for s, c in zip(samples, chosen)]
+        else:
+            predictions = self.generate_answers(samples, max_new_tokens)
+            scorer = TEXT_METRICS[metric]
+            scores = [scorer(p, s["response"]) for p, s in zip(predictions, samples)]
+        return {"scores": scores, "losses": losses, "predictions": predictions}
+
+
+def _check_lora_fields(lora: dict[str, Any]) -> None:
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    valid = {f.name for f in fields(LoraConfig)}
+    unknown = sorted(set(lora) - valid)
+    if unknown:
+        raise ConfigError(f"model.lora has unknown field(s) {unknown}; valid peft LoraConfig fields include: " + ", ".join(sorted(valid)))
+
+
+__all__ = ["ContinualLM", "TinyLlama", "build_tiny_llama", "per_sample_loss"]

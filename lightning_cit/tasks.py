@@ -1,0 +1,280 @@
+"""Task definitions (what a YAML ``tasks:`` entry means) and the loaders for each kind of source.
+
+A task is a name, a source, a metric and sizes. Sources:
+
+- ``synth:<generator>``: a built-in ``cit-synth`` generator (:mod:`lightning_cit.synth`).
+- a path to a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file, or to a directory written
+  by ``datasets.Dataset.save_to_disk`` (read offline with the ``datasets`` library). Relative paths
+  resolve against the current directory.
+- ``callable:<module>:<function>``: a Python function called as ``fn(split=..., n=..., seed=...)``
+  returning a list of dicts (or a ``datasets.Dataset``).
+
+Every sample becomes ``{"messages": [...], "response": str}`` plus optional ``options`` /
+``answer_index`` (multiple choice) and ``harmful`` (safety): ``messages`` are the prompt turns,
+``response`` is the answer the loss is computed on. Records are read either as ``prompt``/
+``response`` fields or as chat ``messages`` whose last turn is the assistant's answer; the field
+names are configurable per task.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_cit import synth
+from lightning_cit.errors import ConfigError
+from lightning_cit.metrics import MC_ACCURACY, check_metric
+
+
+class TaskDataError(ConfigError):
+    """A task definition or its data is malformed; the message says where and what to fix."""
+
+
+@dataclass
+class TaskSpec:
+    """One task of the continual sequence."""
+
+    name: str
+    """Unique task name; used as the column name in ``scores.json``."""
+    source: str
+    """``synth:<generator>``, a local file/``datasets`` directory, or ``callable:<module>:<fn>``."""
+    metric: str | None = None
+    """``exact_match``, ``edit_similarity``, ``rouge_l`` or ``mc_accuracy``; synth tasks default to theirs."""
+    train_size: int | None = 1000
+    """Training samples to use (files: the first N after a seeded shuffle; None: all)."""
+    eval_size: int = 64
+    """Held-out samples scored after every task (files: taken from ``eval_split`` or held out)."""
+    probe_size: int = 32
+    """Held-out samples used by the cheap loss-only probe during training."""
+    steps: int | None = None
+    """Optimizer steps for this task; None uses the DataModule's ``steps_per_task``."""
+    max_new_tokens: int = 48
+    """Generation budget when scoring this task."""
+    eval_split: str | None = None
+    """A second file or ``datasets`` directory with the eval samples; None holds them out of ``source``."""
+    prompt_field: str = "prompt"
+    """Record field holding the prompt (ignored when ``messages_field`` is present in a record)."""
+    response_field: str = "response"
+    """Record field holding the reference answer."""
+    messages_field: str = "messages"
+    """Record field holding chat turns ``[{"role", "content"}, ...]``; the last must be the assistant's."""
+    system_prompt: str | None = None
+    """Optional system turn prepended to every prompt."""
+    train: bool = True
+    """False makes this an evaluation-only probe (e.g. a safety set): scored at every row, never trained."""
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[dict]
+    eval: list[dict]
+    probe: list[dict]
+    metric: str = field(default="exact_match")
+
+
+def validate_specs(specs: list[TaskSpec]) -> None:
+    if not specs:
+        raise TaskDataError("no tasks given: `data.tasks` must list at least one task")
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        where = f"task #{i} ({spec.name!r})"
+        if not spec.name or not isinstance(spec.name, str):
+            raise TaskDataError(f"task #{i}: field 'name' is missing or empty")
+        if spec.name in seen:
+            raise TaskDataError(f"duplicate task name {spec.name!r}: task names must be unique")
+        seen.add(spec.name)
+        if not spec.source:
+            raise TaskDataError(f"{where}: field 'source' is missing")
+        metric = spec.metric or _default_metric(spec)
+        try:
+            check_metric(metric, where)
+        except ConfigError as err:
+            raise TaskDataError(str(err)) from None
+        for size_field in ("train_size", "eval_size", "probe_size", "steps", "max_new_tokens"):
+            value = getattr(spec, size_field)
+            if value is not None and (not isinstance(value, int) or value < (0 if size_field == "probe_size" else 1)):
+                raise TaskDataError(f"{where}: field {size_field!r} must be a positive integer, got {value!r}")
+    if not any(spec.train for spec in specs):
+        raise TaskDataError("every task has `train: false`: at least one task must be trained")
+
+
+def _default_metric(spec: TaskSpec) -> str:
+    if spec.source.startswith("synth:"):
+        return synth.DEFAULT_METRICS.get(spec.source.split(":", 1)[1], "exact_match")
+    return "exact_match"
+
+
+def load_task(spec: TaskSpec, seed: int = 0) -> TaskData:
+    """Read, normalize and split one task's samples; raises :class:`TaskDataError` naming the problem."""
+    metric = spec.metric or _default_metric(spec)
+    n_held = spec.eval_size + spec.probe_size
+    if spec.source.startswith("synth:"):
+        name = spec.source.split(":", 1)[1]
+        if name not in synth.GENERATORS:
+            raise TaskDataError(
+                f"task {spec.name!r}: unknown built-in generator {name!r}; valid: "
+                + ", ".join(f"synth:{g}" for g in sorted(synth.GENERATORS))
+            )
+        train = synth.generate(name, spec.train_size or 1000, seed, "train") if spec.train else []
+        records_eval = synth.generate(name, spec.eval_size, seed, "eval")
+        records_probe = synth.generate(name, spec.probe_size, seed, "probe")
+        train, evals, probes = ([_normalize(spec, r, f"{spec.source}[{i}]") for i, r in enumerate(rs)]
+                                for rs in (train, records_eval, records_probe))
+    else:
+        records = _read_source(spec, spec.source, seed, "train")
+        if not records:
+            raise TaskDataError(f"task {spec.name!r}: source {spec.source!r} holds no samples (empty task)")
+        samples = [_normalize(spec, r, where) for where, r in records]
+        random.Random(f"{spec.name}/{seed}").shuffle(samples)
+        if spec.eval_split:
+            held = [_normalize(spec, r, where) for where, r in _read_source(spec, spec.eval_split, seed, "eval")]
+            if not held:
+                raise TaskDataError(f"task {spec.name!r}: eval_split {spec.eval_split!r} holds no samples")
+            evals, probes = held[: spec.eval_size], held[spec.eval_size : n_held] or held[: spec.probe_size]
+        else:
+            if spec.train and len(samples) <= n_held:
+                raise TaskDataError(
+                    f"task {spec.name!r}: {len(samples)} samples in {spec.source!r} cannot give eval_size + probe_size = "
+                    f"{n_held} held-out samples and leave any for training; lower them or set eval_split"
+                )
+            evals, probes = samples[: spec.eval_size], samples[spec.eval_size : n_held]
+            samples = samples[n_held:]
+        train = samples[: spec.train_size] if spec.train else []
+    if spec.train and not train:
+        raise TaskDataError(f"task {spec.name!r}: no training samples (empty task)")
+    if not evals:
+        raise TaskDataError(f"task {spec.name!r}: no evaluation samples")
+    if metric == MC_ACCURACY:
+        for s in evals:
+            if "options" not in s or "answer_index" not in s:
+                raise TaskDataError(
+                    f"task {spec.name!r}: metric 'mc_accuracy' needs fields 'options' and 'answer_index' in every eval sample"
+                )
+    return TaskData(spec=spec, train=train, eval=evals, probe=probes or evals[: spec.probe_size], metric=metric)
+
+
+def _read_source(spec: TaskSpec, source: str, seed: int, split: str) -> list[tuple[str, dict]]:
+    """``(location, record)`` pairs; the location (``file:line``) makes later field errors precise."""
+    if source.startswith("callable:"):
+        return _read_callable(spec, source, seed, split)
+    path = Path(os.path.expanduser(source))
+    if not path.exists():
+        raise TaskDataError(f"task {spec.name!r}: source file {str(path)!r} does not exist")
+    if path.is_dir():
+        return _read_datasets_dir(spec, path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(spec, path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise TaskDataError(f"task {spec.name!r}: {path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        if isinstance(data, dict) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise TaskDataError(f"task {spec.name!r}: {path} must hold a JSON list of objects (or {{'data': [...]}})")
+        return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    if suffix in (".csv", ".parquet"):
+        return _read_with_datasets(spec, path, suffix[1:])
+    raise TaskDataError(
+        f"task {spec.name!r}: cannot read {str(path)!r}; valid sources: .json, .jsonl, .csv, .parquet files, "
+        "a directory saved by datasets, synth:<generator>, callable:<module>:<function>"
+    )
+
+
+def _read_jsonl(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: malformed JSON line ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append((f"{path}:{lineno}", record))
+    return records
+
+
+def _read_with_datasets(spec: TaskSpec, path: Path, builder: str) -> list[tuple[str, dict]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise TaskDataError(f"task {spec.name!r}: cannot read {path} as {builder}: {err}") from None
+    # csv rows are numbered from 2: line 1 is the header
+    first = 2 if builder == "csv" else 0
+    return [(f"{path}:{i + first}" if builder == "csv" else f"{path}[row {i}]", dict(r)) for i, r in enumerate(dataset)]
+
+
+def _read_datasets_dir(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise TaskDataError(f"task {spec.name!r}: {path} is not a directory saved by datasets.save_to_disk: {err}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise TaskDataError(f"task {spec.name!r}: {path} holds splits {list(loaded)}, expected a 'train' split")
+        loaded = loaded["train"]
+    return [(f"{path}[row {i}]", dict(r)) for i, r in enumerate(loaded)]
+
+
+def _read_callable(spec: TaskSpec, source: str, seed: int, split: str) -> list[tuple[str, dict]]:
+    target = source[len("callable:") :]
+    module_name, _, fn_name = target.partition(":")
+    if not fn_name:
+        module_name, _, fn_name = target.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise TaskDataError(f"task {spec.name!r}: cannot import {target!r} (expected callable:<module>:<function>): {err}") from None
+    n = (spec.train_size or 0) + spec.eval_size + spec.probe_size if split == "train" else spec.eval_size + spec.probe_size
+    records = fn(split=split, n=n, seed=seed)
+    records = [dict(r) for r in records]
+    return [(f"{target}()[{i}]", r) for i, r in enumerate(records)]
+
+
+def _normalize(spec: TaskSpec, record: Any, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise TaskDataError(f"task {spec.name!r}: {where}: expected a record (mapping), got {type(record).__name__}")
+    if spec.messages_field in record and record[spec.messages_field] is not None:
+        turns = record[spec.messages_field]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            raise TaskDataError(f"task {spec.name!r}: {where}: field {spec.messages_field!r} must be a non-empty list of turns")
+        for t in turns:
+            if "role" not in t or "content" not in t:
+                raise TaskDataError(f"task {spec.name!r}: {where}: every turn in {spec.messages_field!r} needs 'role' and 'content'")
+        if turns[-1]["role"] != "assistant":
+            raise TaskDataError(f"task {spec.name!r}: {where}: the last turn of {spec.messages_field!r} must be the assistant's answer")
+        if len(turns) < 2:
+            raise TaskDataError(f"task {spec.name!r}: {where}: field {spec.messages_field!r} needs a prompt turn before the answer")
+        messages = [{"role": str(t["role"]), "content": str(t["content"])} for t in turns[:-1]]
+        response = str(turns[-1]["content"])
+    else:
+        for name in (spec.prompt_field, spec.response_field):
+            if name not in record or record[name] is None:
+                raise TaskDataError(
+                    f"task {spec.name!r}: {where}: missing field {name!r} (records need {spec.prompt_field!r} and "
+                    f"{spec.response_field!r}, or {spec.messages_field!r}; set prompt_field/response_field to map yours)"
+                )
+        messages = [{"role": "user", "content": str(record[spec.prompt_field])}]
+        response = str(record[spec.response_field])
+    if spec.system_prompt:
+        messages = [{"role": "system", "content": spec.system_prompt}, *messages]
+    sample = {"messages": messages, "response": response}
+    for key in ("options", "answer_index", "harmful"):
+        if key in record and record[key] is not None:
+            sample[key] = record[key]
+    return sample
