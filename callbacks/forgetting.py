@@ -159,7 +159,8 @@ class ForgettingEvaluator(Callback):
         for j, loss in enumerate(loss_row):
             self.probe[j] = (step, loss)
         scores = self.scores(trainer)
-        self._write(trainer, scores)
+        # trainer.log_dir broadcasts under DDP, so every rank resolves it, then rank 0 writes
+        self._write(self._out_dir(trainer), scores)
         if trainer.logger is not None:
             names = scores["tasks"]
             metrics = {f"eval/score/{n}": v for n, v in zip(names, score_row)}
@@ -227,8 +228,7 @@ class ForgettingEvaluator(Callback):
         return self.output_dir or trainer.log_dir or trainer.default_root_dir
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer, scores: dict[str, Any]) -> None:
-        out = self._out_dir(trainer)
+    def _write(self, out: str, scores: dict[str, Any]) -> None:
         os.makedirs(out, exist_ok=True)
         atomic_write_json(os.path.join(out, "scores.json"), scores)
         atomic_write_text(os.path.join(out, "scores.csv"), scores_csv(scores))

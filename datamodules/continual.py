@@ -34,6 +34,21 @@ from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, load_task, va
 GENERATED_ID_BASE = 1_000_000_000
 
 
+class _ResumableLoader(DataLoader):
+    """A DataLoader that tells Lightning it is resumable: the position lives in the DataModule state.
+
+    Lightning warns about mid-epoch resumption for loaders without ``state_dict``; ours resumes
+    exactly (the sampler replays its draws up to the checkpointed batch), so the state here is
+    informational only.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task_index": self.batch_sampler.task_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class _MixtureDataset(Dataset):
     """Resolves sampler keys ``(source, position)`` to samples for one task's epoch."""
 
@@ -263,7 +278,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             f"task {task_index + 1}/{self.num_tasks} {self.task_names[task_index]!r}: {self.steps_for(task_index)} steps, "
             f"buffers {sources[:-1]}" + (f", resuming at batch {start}" if start else "")
         )
-        return DataLoader(
+        return _ResumableLoader(
             _MixtureDataset(self, task_index),
             batch_sampler=sampler,
             collate_fn=self._collator,

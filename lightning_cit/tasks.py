@@ -19,9 +19,11 @@ names are configurable per task.
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ class TaskSpec:
     metric: str | None = None
     """``exact_match``, ``edit_similarity``, ``rouge_l`` or ``mc_accuracy``; synth tasks default to theirs."""
     train_size: int | None = 1000
-    """Training samples to use (files: the first N after a seeded shuffle; None: all)."""
+    """Training samples to use (files: the first N after a seeded shuffle, None: all; synth/callable: None means 1000)."""
     eval_size: int = 64
     """Held-out samples scored after every task (files: taken from ``eval_split`` or held out)."""
     probe_size: int = 32
@@ -173,7 +175,7 @@ def _read_source(spec: TaskSpec, source: str, seed: int, split: str) -> list[tup
         return _read_jsonl(spec, path)
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(spec, path))
         except json.JSONDecodeError as err:
             raise TaskDataError(f"task {spec.name!r}: {path}:{err.lineno}: invalid JSON ({err.msg})") from None
         if isinstance(data, dict) and "data" in data:
@@ -191,18 +193,30 @@ def _read_source(spec: TaskSpec, source: str, seed: int, split: str) -> list[tup
 
 def _read_jsonl(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: malformed JSON line ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append((f"{path}:{lineno}", record))
+    # newline=None: the same universal-newline line splitting as reading the file in text mode
+    for lineno, line in enumerate(io.StringIO(_read_text(spec, path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: malformed JSON line ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append((f"{path}:{lineno}", record))
     return records
+
+
+def _read_text(spec: TaskSpec, path: Path) -> str:
+    """The file decoded as UTF-8; undecodable bytes are a :class:`TaskDataError` naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw[: err.start].count(b"\n") + 1
+        raise TaskDataError(
+            f"task {spec.name!r}: {path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def _read_with_datasets(spec: TaskSpec, path: Path, builder: str) -> list[tuple[str, dict]]:
@@ -240,9 +254,16 @@ def _read_callable(spec: TaskSpec, source: str, seed: int, split: str) -> list[t
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError, ValueError) as err:
         raise TaskDataError(f"task {spec.name!r}: cannot import {target!r} (expected callable:<module>:<function>): {err}") from None
-    n = (spec.train_size or 0) + spec.eval_size + spec.probe_size if split == "train" else spec.eval_size + spec.probe_size
+    # like synth, train_size None asks for 1000 training samples (asking for 0 left none once eval/probe are held out)
+    n = (spec.train_size or 1000) + spec.eval_size + spec.probe_size if split == "train" else spec.eval_size + spec.probe_size
     records = fn(split=split, n=n, seed=seed)
-    records = [dict(r) for r in records]
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        raise TaskDataError(
+            f"task {spec.name!r}: {target}(split=..., n=..., seed=...) must return a list of dicts or a datasets.Dataset, "
+            f"got {type(records).__name__}"
+        )
+    # non-mappings are kept as they are so that _normalize reports them with their index
+    records = [dict(r) if isinstance(r, Mapping) else r for r in records]
     return [(f"{target}()[{i}]", r) for i, r in enumerate(records)]
 
 

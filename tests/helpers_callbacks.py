@@ -1,0 +1,37 @@
+"""Callbacks used by the tests through class_path (importable because conftest puts tests/ on sys.path)."""
+
+import json
+import os
+
+from lightning.pytorch.callbacks import Callback
+
+
+class RecordSamples(Callback):
+    """Writes, per rank, the sample ids and per-sample losses it trained on and the mixtures it used."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.seen: list[list[int]] = []
+        self.sources: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        assert outputs["per_sample_loss"].shape == batch["sample_ids"].shape
+        self.seen.append([trainer.current_epoch, trainer.global_step, *batch["sample_ids"].tolist()])
+        self.sources.append(batch["source_ids"].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.out_dir, exist_ok=True)
+        schedule = {str(k): {str(b): w for b, w in v.items()} for k, v in trainer.datamodule.schedule.items()}
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump({"seen": self.seen, "sources": self.sources, "schedule": schedule}, handle)
+
+
+class FailAt(Callback):
+    """Raises inside a callback at a given global step (failure injection)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")

@@ -1,0 +1,131 @@
+"""End-to-end runs through the lightning-cit CLI on a short cit-synth sequence."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from lightning_cit.cli import main
+from lightning_cit.metrics import SUMMARY_KEYS
+
+STEPS = 12
+
+
+def small_config(tmp_path: Path, controller: dict | None = None, extra_callbacks=(), every_n_train_steps=5) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["log_every_n_steps"] = 5
+    callbacks = config["trainer"]["callbacks"]
+    if controller is not None:
+        callbacks[0] = controller
+    callbacks[1]["init_args"]["probe_every_n_steps"] = 3
+    callbacks[2]["init_args"]["every_n_train_steps"] = every_n_train_steps
+    callbacks.extend(extra_callbacks)
+    config["data"]["steps_per_task"] = STEPS
+    config["data"]["global_batch_size"] = 8
+    config["data"]["tasks"] = [
+        {"name": "safety", "source": "synth:safety", "train_size": 64, "eval_size": 8, "probe_size": 4, "max_new_tokens": 34},
+        {"name": "cipher_a", "source": "synth:cipher_a", "train_size": 64, "eval_size": 8, "probe_size": 4, "max_new_tokens": 8},
+        {"name": "compare", "source": "synth:compare", "train_size": 64, "eval_size": 8, "probe_size": 4},
+    ]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config: Path, root: Path, *extra: str) -> dict:
+    code = main(["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *extra])
+    assert code == 0
+    files = list(root.rglob("scores.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_fit_through_the_cli_writes_the_score_matrix(tmp_path, capsys):
+    scores = run(small_config(tmp_path), tmp_path / "run")
+    assert scores["tasks"] == ["safety", "cipher_a", "compare"]
+    assert scores["rows"] == ["base", "safety", "cipher_a", "compare"]
+    assert scores["metrics"] == {"safety": "exact_match", "cipher_a": "edit_similarity", "compare": "mc_accuracy"}
+    assert len(scores["matrix"]) == 4 and all(len(r) == 3 for r in scores["matrix"])
+    assert all(0 <= v <= 100 for r in scores["matrix"] for v in r)
+    assert scores["complete"] and set(SUMMARY_KEYS) <= set(scores["summary"])
+    assert {"refusal_harmful", "over_refusal_benign", "score"} <= set(scores["safety"])
+    run_dir = next((tmp_path / "run").rglob("scores.json")).parent
+    assert (run_dir / "scores.csv").exists() and (run_dir / "scores.png").exists()
+    assert (run_dir / "config.yaml").exists()
+    assert "score matrix" in capsys.readouterr().out
+    # every output of the run lives under default_root_dir
+    assert not (REPO / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize(
+    "controller",
+    [
+        {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": 0.25}},
+        {"class_path": "lightning_cit.callbacks.Proportional", "init_args": {"decision_interval": 4}},
+    ],
+    ids=["fixed_ratio", "proportional"],
+)
+def test_resume_from_a_mid_task_checkpoint_reproduces_the_run(tmp_path, controller):
+    record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec_full")}}
+    full = run(small_config(tmp_path, controller, [record]), tmp_path / "full")
+    checkpoints = sorted((tmp_path / "full").rglob("epoch=1-step=15.ckpt"))
+    assert checkpoints, sorted(p.name for p in (tmp_path / "full").rglob("*.ckpt"))
+    record["init_args"]["out_dir"] = str(tmp_path / "rec_resumed")
+    resumed = run(small_config(tmp_path, controller, [record]), tmp_path / "resumed", "--ckpt_path", str(checkpoints[0]))
+    assert resumed["matrix"] == full["matrix"]
+    assert resumed["loss_matrix"] == full["loss_matrix"]
+    # the resumed run trained on exactly the batches the uninterrupted run trained on after step 15
+    seen_full = json.loads((tmp_path / "rec_full" / "rank0.json").read_text())
+    seen_resumed = json.loads((tmp_path / "rec_resumed" / "rank0.json").read_text())
+    assert seen_resumed["seen"] == [b for b in seen_full["seen"] if b[1] > 15]
+    assert seen_resumed["schedule"] == seen_full["schedule"]
+
+
+def test_replay_draws_only_from_earlier_tasks_at_the_configured_ratio(tmp_path):
+    record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec")}}
+    controller = {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": 0.5}}
+    run(small_config(tmp_path, controller, [record]), tmp_path / "run")
+    data = json.loads((tmp_path / "rec" / "rank0.json").read_text())
+    per_task: dict[int, list[int]] = {}
+    for (epoch, *_), sources in zip(data["seen"], data["sources"]):
+        per_task.setdefault(epoch, []).extend(sources)
+    assert set(per_task[0]) == {0}
+    assert set(per_task[1]) <= {0, 1} and 0.3 < per_task[1].count(0) / len(per_task[1]) < 0.7
+    assert set(per_task[2]) <= {0, 1, 2}  # never a future task
+
+
+def test_a_crash_keeps_the_rows_already_written(tmp_path):
+    fail = {"class_path": "helpers_callbacks.FailAt", "init_args": {"step": 18}}
+    config = small_config(tmp_path, extra_callbacks=[fail])
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")])
+    scores = json.loads(next((tmp_path / "run").rglob("scores.json")).read_text())
+    assert scores["rows"] == ["base", "safety"] and not scores["complete"]
+    assert list((tmp_path / "run").rglob("last.ckpt"))
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec")}}
+    controller = {"class_path": "lightning_cit.callbacks.Proportional", "init_args": {"decision_interval": 4}}
+    config = small_config(tmp_path, controller, [record])
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config),
+           "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "run").rglob("scores.json"))) == 1
+    r0 = json.loads((tmp_path / "rec" / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rec" / "rank1.json").read_text())
+    assert r0["schedule"] == r1["schedule"]  # mixture weights agree across ranks
+    assert len(r0["seen"]) == len(r1["seen"]) == 3 * STEPS
+    for a, b in zip(r0["seen"], r1["seen"]):
+        assert len(a) - 2 == len(b) - 2 == 4  # global batch 8 over 2 ranks
+        current_a = {s for s in a[2:]}
+        current_b = {s for s in b[2:]}
+        # current-task samples are drawn without replacement within a pass: disjoint across ranks
+        assert not (current_a & current_b) or a[0] > 0
