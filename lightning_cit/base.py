@@ -31,16 +31,17 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(os.path.expanduser(cache_dir or os.environ.get("LIGHTNING_CIT_CACHE") or "~/.cache/lightning-cit"))
 
 
-def ensure_aligned_base(shape, cache_dir: str | None = None, out: str | None = None) -> str:
+def ensure_aligned_base(shape, cache_dir: str | None = None, out: str | None = None, steps: int | None = None) -> str:
     """Path of the aligned base for ``shape`` (a :class:`~lightning_cit.module.TinyLlama`), trained if absent."""
-    key = hashlib.sha256(json.dumps({"shape": asdict(shape), "recipe": RECIPE}, sort_keys=True).encode()).hexdigest()[:12]
+    recipe = {**RECIPE, "steps": steps or RECIPE["steps"]}
+    key = hashlib.sha256(json.dumps({"shape": asdict(shape), "recipe": recipe}, sort_keys=True).encode()).hexdigest()[:12]
     target = Path(out) if out else cache_root(cache_dir) / f"aligned-base-{key}"
     if (target / "config.json").exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        _train(shape, staging)
+        _train(shape, staging, recipe)
         try:
             os.replace(staging, target)  # atomic: a concurrent rank may have won the race
         except OSError:
@@ -52,30 +53,29 @@ def ensure_aligned_base(shape, cache_dir: str | None = None, out: str | None = N
     return str(target)
 
 
-def _train(shape, out: Path) -> None:
+def _train(shape, out: Path, recipe: dict) -> None:
     from lightning_cit import synth
     from lightning_cit.collate import Collator
     from lightning_cit.module import build_tiny_llama, per_sample_loss
     from lightning_cit.tasks import TaskSpec, _normalize
 
     tokenizer = synth.build_char_tokenizer()
-    generator = torch.Generator().manual_seed(RECIPE["seed"])
     with torch.random.fork_rng():
-        torch.manual_seed(RECIPE["seed"])
+        torch.manual_seed(recipe["seed"])
         model = build_tiny_llama(tokenizer, shape)
     pools = {
         name: [_normalize(TaskSpec(name=name, source=f"synth:{name}"), r, name) for r in synth.generate(name, 2000, seed=99, split="train")]
-        for name in RECIPE["mixture"]
+        for name in recipe["mixture"]
     }
-    names, weights = list(RECIPE["mixture"]), list(RECIPE["mixture"].values())
-    rng = random.Random(RECIPE["seed"])
+    names, weights = list(recipe["mixture"]), list(recipe["mixture"].values())
+    rng = random.Random(recipe["seed"])
     collate = Collator(tokenizer, 256, names)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"])
-    steps = RECIPE["steps"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"])
+    steps = recipe["steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
     model.train()
     for _ in range(steps):
-        batch = collate([rng.choice(pools[rng.choices(names, weights)[0]]) for _ in range(RECIPE["batch_size"])])
+        batch = collate([rng.choice(pools[rng.choices(names, weights)[0]]) for _ in range(recipe["batch_size"])])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses, counts = per_sample_loss(logits, batch["labels"])
         loss = (losses * counts).sum() / counts.sum()
@@ -84,10 +84,9 @@ def _train(shape, out: Path) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    del generator
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "lightning_cit_base.json").write_text(json.dumps({"shape": asdict(shape), "recipe": RECIPE, "final_loss": float(loss)}, indent=2))
+    (out / "lightning_cit_base.json").write_text(json.dumps({"shape": asdict(shape), "recipe": recipe, "final_loss": float(loss)}, indent=2))
 
 
 def main(argv: list[str]) -> int:
@@ -96,7 +95,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lightning-cit prepare-base", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="directory to write (default: the cache)")
     parser.add_argument("--cache_dir", default=None, help="cache root (default: $LIGHTNING_CIT_CACHE or ~/.cache/lightning-cit)")
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"], help=f"training steps (default: {RECIPE['steps']})")
     args = parser.parse_args(argv)
-    path = ensure_aligned_base(TinyLlama(), cache_dir=args.cache_dir, out=args.out)
+    path = ensure_aligned_base(TinyLlama(), cache_dir=args.cache_dir, out=args.out, steps=args.steps)
     print(path)
     return 0

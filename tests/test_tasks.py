@@ -181,7 +181,10 @@ def test_chat_messages_last_assistant_turn_is_the_response(tmp_path):
 
 
 def test_custom_messages_field_wins_over_prompt(tmp_path):
-    rows = [{"turns": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "prompt": "x"} for i in range(N)]
+    rows = [
+        {"turns": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "prompt": "x"}
+        for i in range(N)
+    ]
     task = load_task(spec(write_jsonl(tmp_path / "c.jsonl", rows), messages_field="turns"))
     assert all(s["response"] == "a" + s["messages"][0]["content"][1:] for s in task.train)
 
@@ -319,7 +322,11 @@ def test_too_few_samples_for_held_out(tmp_path):
 
 
 def test_duplicate_task_names():
-    specs = [TaskSpec(name="a", source="synth:echo"), TaskSpec(name="b", source="synth:shift"), TaskSpec(name="a", source="synth:safety")]
+    specs = [
+        TaskSpec(name="a", source="synth:echo"),
+        TaskSpec(name="b", source="synth:shift"),
+        TaskSpec(name="a", source="synth:safety"),
+    ]
     with pytest.raises(ConfigError) as info:
         validate_specs(specs)
     assert_error(info, "duplicate task name 'a'", "unique")
@@ -437,7 +444,9 @@ def test_bad_callable_source(source, fragments):
 
 _json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
 _json_values = st.recursive(
-    _json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
 )
 _turns = st.lists(
     st.fixed_dictionaries(
@@ -451,7 +460,9 @@ _records = st.fixed_dictionaries(
 _valid = st.one_of(
     st.fixed_dictionaries({"prompt": _json_scalars.filter(lambda v: v is not None), "response": _json_values}),
     st.builds(
-        lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}, _json_values, _json_values
+        lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+        _json_values,
+        _json_values,
     ),
 ).map(json.dumps)
 _arbitrary = st.one_of(
