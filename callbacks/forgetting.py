@@ -173,7 +173,7 @@ class ForgettingEvaluator(Callback):
         local = task.eval[rank::world]
         result = pl_module.evaluate_samples(local, task.metric, task.spec.max_new_tokens) if local else {"scores": [], "losses": [], "predictions": []}
         harmful_flags = [s.get("harmful") for s in local]
-        has_safety = any(flag is not None for flag in task.eval)
+        has_safety = any(s.get("harmful") is not None for s in task.eval)
         refused = [is_refusal(p) for p in result.get("predictions", [])]
         sums = [
             sum(result["scores"]),

@@ -103,7 +103,10 @@ def _check_class_paths(argv: list[str]) -> None:
         except ImportError:
             raise ConfigError(f"unknown module in class_path {path!r}") from None
         if not hasattr(module, name):
-            public = sorted(n for n in getattr(module, "__all__", dir(module)) if not n.startswith("_") and n[0].isupper())
+            public = sorted(
+                n for n in getattr(module, "__all__", dir(module))
+                if isinstance(getattr(module, n, None), type) and n not in ("MixtureController", "MixtureSignals")
+            )
             kind = "controller or callback" if module_name.endswith("callbacks") else "class"
             raise ConfigError(f"unknown {kind} {name!r} in class_path {path!r}; valid: {', '.join(public)}")
 
@@ -117,10 +120,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_class_paths(argv)
         CITCLI(args=argv if explicit else None)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        # jsonargparse wraps errors raised in a class's __init__ (e.g. a callback's) in its own ValueError
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"error: {config_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _find_config_error(err: BaseException | None) -> ConfigError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":
