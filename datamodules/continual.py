@@ -286,6 +286,18 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         )
 
     # ------------------------------------------------------------------------------------ evaluation
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per evaluated task over its eval samples (used by ``lightning-cit validate``/``test``)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return [
+            DataLoader(task.eval[rank::world], batch_size=64, collate_fn=list, shuffle=False)
+            for task in self.evaluation_tasks()
+        ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
     def evaluation_tasks(self) -> list[TaskData]:
         """Every task scored by the evaluator: the trained ones in order, then evaluation-only probes."""
         self.load_tasks()

@@ -13,9 +13,11 @@ is rank-aware itself), and reports bad input as one ``error:`` line with exit co
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_cit.errors import ConfigError
@@ -55,7 +57,15 @@ class CITCLI(LightningCLI):
         for key, value in TRAINER_DEFAULTS.items():
             if key in ("use_distributed_sampler", "reload_dataloaders_every_n_epochs") and config.get(key) != value:
                 raise ConfigError(f"trainer.{key} must be {value} for continual runs (the mixture sampler handles ranks and tasks)")
-        return super()._instantiate_trainer(config, callbacks)
+        if self.subcommand == "fit" and config.get("limit_val_batches") is None:
+            # during fit the ForgettingEvaluator scores every task; the validate loop is for `lightning-cit validate`
+            config["limit_val_batches"] = 0
+        trainer = super()._instantiate_trainer(config, callbacks)
+        for callback in trainer.checkpoint_callbacks:
+            # a fixed directory, so that `--ckpt_path last` finds last.ckpt from a later invocation of the same run
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        return trainer
 
     def before_fit(self) -> None:
         # read every task file now, so malformed data fails before any model is built or file written

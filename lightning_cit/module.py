@@ -259,6 +259,21 @@ class ContinualLM(pl.LightningModule):
                 optimizer.state.clear()
 
     # --------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: list[dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def _eval_step(self, batch: list[dict], dataloader_idx: int, prefix: str) -> None:
+        """``lightning-cit validate|test``: every task's metric and loss for the loaded weights."""
+        task = self.trainer.datamodule.evaluation_tasks()[dataloader_idx]
+        result = self.evaluate_samples(batch, task.metric, task.spec.max_new_tokens)
+        n = len(batch)
+        name = task.spec.name
+        self.log(f"{prefix}/score/{name}", sum(result["scores"]) / n, batch_size=n, add_dataloader_idx=False, sync_dist=True)
+        self.log(f"{prefix}/loss/{name}", sum(result["losses"]) / n, batch_size=n, add_dataloader_idx=False, sync_dist=True)
+
     @torch.no_grad()
     def probe_loss(self, samples: list[dict], max_length: int = 256) -> float:
         """Mean teacher-forced loss over ``samples`` (the cheap probe the controllers read)."""

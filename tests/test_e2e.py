@@ -73,7 +73,7 @@ def test_fit_through_the_cli_writes_the_score_matrix(tmp_path, capsys):
 def test_resume_from_a_mid_task_checkpoint_reproduces_the_run(tmp_path, controller):
     record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec_full")}}
     full = run(small_config(tmp_path, controller, [record]), tmp_path / "full")
-    checkpoints = sorted((tmp_path / "full").rglob("epoch=1-step=15.ckpt"))
+    checkpoints = sorted((tmp_path / "full").rglob("epoch=1-step=15.ckpt"))  # mid-task 2
     assert checkpoints, sorted(p.name for p in (tmp_path / "full").rglob("*.ckpt"))
     record["init_args"]["out_dir"] = str(tmp_path / "rec_resumed")
     resumed = run(small_config(tmp_path, controller, [record]), tmp_path / "resumed", "--ckpt_path", str(checkpoints[0]))
@@ -99,14 +99,35 @@ def test_replay_draws_only_from_earlier_tasks_at_the_configured_ratio(tmp_path):
     assert set(per_task[2]) <= {0, 1, 2}  # never a future task
 
 
-def test_a_crash_keeps_the_rows_already_written(tmp_path):
+def test_a_crash_keeps_the_rows_already_written_and_resumes_from_last(tmp_path):
     fail = {"class_path": "helpers_callbacks.FailAt", "init_args": {"step": 18}}
-    config = small_config(tmp_path, extra_callbacks=[fail])
+    crashing = small_config(tmp_path, extra_callbacks=[fail])
     with pytest.raises(RuntimeError, match="injected failure"):
-        main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")])
+        main(["fit", "--config", str(crashing), "--trainer.default_root_dir", str(tmp_path / "run")])
     scores = json.loads(next((tmp_path / "run").rglob("scores.json")).read_text())
     assert scores["rows"] == ["base", "safety"] and not scores["complete"]
-    assert list((tmp_path / "run").rglob("last.ckpt"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    # `--ckpt_path last` in the same root continues from the step-15 checkpoint and ends as an unbroken run
+    (tmp_path / "resume").mkdir()
+    config = small_config(tmp_path / "resume")
+    code = main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", "last"])
+    assert code == 0
+    resumed = json.loads((tmp_path / "run" / "lightning_logs" / "version_1" / "scores.json").read_text())
+    reference = run(config, tmp_path / "reference")
+    assert resumed["matrix"] == reference["matrix"] and resumed["complete"]
+
+
+def test_validate_and_test_subcommands_score_a_checkpoint(tmp_path):
+    config = small_config(tmp_path)
+    run(config, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    for subcommand in ("validate", "test"):
+        code = main([subcommand, "--config", str(config), "--trainer.default_root_dir", str(tmp_path / subcommand), "--ckpt_path", str(ckpt)])
+        assert code == 0
+        metrics = (tmp_path / subcommand).rglob("metrics.csv")
+        header = next(metrics).read_text().splitlines()[0]
+        prefix = "val" if subcommand == "validate" else "test"
+        assert f"{prefix}/score/cipher_a" in header and f"{prefix}/loss/compare" in header
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):
