@@ -124,6 +124,12 @@ def _check_class_paths(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     explicit = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("lightning-cit: continual instruction tuning on PyTorch Lightning\n")
+        print("Trainer subcommands (LightningCLI): fit, validate, test, predict  -- e.g. lightning-cit fit --config configs/quickstart.yaml")
+        print("Tool subcommands: " + ", ".join(SUBCOMMANDS) + "  -- e.g. lightning-cit prepare-base --help\n")
+        if not argv:
+            return 0
     if argv and argv[0] in SUBCOMMANDS:
         module_name, _, function = SUBCOMMANDS[argv[0]].partition(":")
         return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
