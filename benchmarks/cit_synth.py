@@ -35,6 +35,25 @@ METHODS = {
 }
 
 
+NOTES = """## Reading the table
+
+- The budget is the share of every batch drawn from replay (`FixedRatio.ratio`); every finished task keeps a
+  buffer of 10% of its 1000 training samples. Without replay every earlier task collapses (`bwt_gem` about -83;
+  `compare`, the last task, is multiple choice, so its floor is chance, about 50). 20% replay removes nearly all
+  forgetting; 1% leaves most of it and 5% part of it, mostly on the first tasks (`safety`, `cipher_a`):
+  the range where a smarter allocation of the same budget can win.
+- `Proportional` is not budget-matched: its weights follow the probe losses of all sources, current task
+  included, re-decided every 50 steps. Its replay share averaged 0.50 over tasks 2-5 (read from the
+  controllers' checkpointed decisions) but swung between 0.001 and 0.999: at a task start the new task's loss
+  dominates, so almost nothing is replayed for the first 50 steps and the earlier tasks are damaged before the
+  next decision; `forgetting_mssr` (the largest drop at any later row) shows it. A loss-proportional rule
+  without normalization reacts to scale, not to forgetting: the motivation for ProxyMix's normalized state.
+- Three seeds on a 2-core CPU; standard errors are of the mean over seeds (seed sets model init, data, buffers
+  and sampler). Each run takes about 100 s with two threads (`--threads 1 --parallel 2` runs two at once).
+- `safety` is the refusal rate on harmful prompts minus the over-refusal rate on benign ones, after the last task.
+"""
+
+
 def slug(name: str) -> str:
     return name.lower().replace(" ", "_").replace("%", "pct")
 
@@ -123,6 +142,7 @@ def main() -> None:
         cells = [f"{row[k]:.1f} ± {row[k + '_se']:.1f}" for k in
                  ("acc", "bwt_gem", "bwt_trace", "fwt", "forgetting_chaudhry", "fgt_proxymix", "forgetting_mssr", "nta", "safety_score")]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    lines += ["", NOTES]
     atomic_write_text(out / "cit-synth.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from lightning_cit.cli import main
-from lightning_cit.errors import ConfigError
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -145,12 +144,6 @@ def test_unknown_controller_class_path(tmp_path, quickstart, capsys):
     for name in ("FixedRatio", "NoReplay", "Proportional"):
         assert name in line
     assert_no_scores(root)
-
-
-def _causes(err: BaseException):
-    while err is not None:
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def test_fixed_ratio_out_of_range(tmp_path, quickstart, capsys):
