@@ -86,7 +86,7 @@ def _train(shape, out: Path, recipe: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "lightning_cit_base.json").write_text(json.dumps({"shape": asdict(shape), "recipe": recipe, "final_loss": float(loss)}, indent=2))
+    (out / "lightning_cit_base.json").write_text(json.dumps({"shape": asdict(shape), "recipe": recipe, "final_loss": float(loss.detach())}, indent=2))
 
 
 def main(argv: list[str]) -> int:
