@@ -120,6 +120,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         self.buffers: dict[int, ReplayBuffer] = {}
         self.schedule: dict[int, dict[int, list[float]]] = {}
         self._resume_position: tuple[int, int] | None = None
+        self._id_offsets: list[int] = []
         self._collator: Collator | None = None
 
     # ---------------------------------------------------------------------------------------- set-up
@@ -143,6 +144,8 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         loaded = [load_task(spec, seed=self.seed) for spec in self.specs]
         self.train_tasks = [t for t in loaded if t.spec.train]
         self.eval_only_tasks = [t for t in loaded if not t.spec.train]
+        sizes = [len(t.train) for t in self.train_tasks]
+        self._id_offsets = [sum(sizes[:k]) for k in range(len(sizes))]  # sample_id = offset of its task + index
 
     def setup(self, stage: str) -> None:
         self.load_tasks()
@@ -199,8 +202,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
     # -------------------------------------------------------------------------------------- samples
     def sample(self, task_index: int, position: int, source_id: int, is_replay: bool) -> dict:
         sample = dict(self.train_tasks[task_index].train[position])
-        offset = sum(len(t.train) for t in self.train_tasks[:task_index])
-        sample.update(sample_id=offset + position, task_id=task_index, source_id=source_id, is_replay=is_replay)
+        sample.update(sample_id=self._id_offsets[task_index] + position, task_id=task_index, source_id=source_id, is_replay=is_replay)
         return sample
 
     def end_task(self, task_index: int) -> ReplayBuffer:

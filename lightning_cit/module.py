@@ -157,11 +157,7 @@ class ContinualLM(pl.LightningModule):
         return os.path.expanduser(self.model_name)
 
     def _load_tokenizer(self, tokenizer: str | None) -> Any:
-        if tokenizer is None and self.model_name == "tiny":
-            from lightning_cit.synth import build_char_tokenizer
-
-            return build_char_tokenizer()
-        if tokenizer is None and self.model_name == "aligned-base":
+        if tokenizer is None and self.model_name in ("tiny", "aligned-base"):
             from lightning_cit.synth import build_char_tokenizer
 
             return build_char_tokenizer()  # the aligned base is saved with this same tokenizer
