@@ -1,6 +1,7 @@
-"""Reproduce ``docs/results/cit-synth.md`` and ``.json``: replay baselines on cit-synth, several seeds.
+"""Reproduce the cit-synth comparisons in ``docs/results``: each suite's methods over several seeds.
 
-    python benchmarks/cit_synth.py --seeds 0 1 2 --out docs/results --runs runs/cit-synth
+    python benchmarks/cit_synth.py --suite baselines --seeds 0 1 2   # docs/results/cit-synth.{md,json}
+    python benchmarks/cit_synth.py --suite mssr --seeds 0 1 2        # docs/results/mssr.{md,json}
 
 Each (method, seed) is one ``lightning-cit fit --config configs/quickstart.yaml`` with the
 controller swapped; the table gives the mean and the standard error over seeds of every named
@@ -26,16 +27,29 @@ sys.path.insert(0, str(REPO))
 from lightning_cit.metrics import SUMMARY_KEYS  # noqa: E402
 from lightning_cit.results import atomic_write_json, atomic_write_text  # noqa: E402
 
-METHODS = {
+MSSR_BUDGET = 0.0273  # mean λ(t) of configs/mssr.yaml over tasks 2-5 (steps 300..1499), rounded
+
+BASELINES = {
     "No replay": {"class_path": "lightning_cit.callbacks.NoReplay"},
     "Fixed ratio 1%": {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": 0.01}},
     "Fixed ratio 5%": {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": 0.05}},
     "Fixed ratio 20%": {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": 0.2}},
     "Proportional": {"class_path": "lightning_cit.callbacks.Proportional", "init_args": {"decision_interval": 50}},
 }
+MSSR = {
+    "MSSR": {"class_path": "lightning_cit.callbacks.MSSRReplay", "init_args": {}},
+    "Fixed ratio": {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": MSSR_BUDGET}},
+    "MSSR sampler only": {"class_path": "lightning_cit.callbacks.MSSRReplay", "init_args": {"schedule": "fixed", "fixed_ratio": MSSR_BUDGET}},
+    "MSSR scheduler only": {"class_path": "lightning_cit.callbacks.MSSRReplay", "init_args": {"sampler": "uniform"}},
+}
+SUITES = {
+    "baselines": {"config": "configs/quickstart.yaml", "name": "cit-synth", "methods": BASELINES, "title": "cit-synth: replay baselines"},
+    "mssr": {"config": "configs/mssr.yaml", "name": "mssr", "methods": MSSR, "title": "MSSR on cit-synth: memory-strength replay vs fixed ratio at the same budget"},
+}
+METHODS = {**BASELINES, **MSSR}
 
 
-NOTES = """## Reading the table
+NOTES = {"mssr": "", "baselines": """## Reading the table
 
 - The budget is the share of every batch drawn from replay (`FixedRatio.ratio`); every finished task keeps a
   buffer of 10% of its 1000 training samples. Without replay every earlier task collapses (`bwt_gem` about -83;
@@ -51,7 +65,7 @@ NOTES = """## Reading the table
 - Three seeds on a 2-core CPU; standard errors are of the mean over seeds (seed sets model init, data, buffers
   and sampler). Each run takes about 100 s with two threads (`--threads 1 --parallel 2` runs two at once).
 - `safety` is the refusal rate on harmful prompts minus the over-refusal rate on benign ones, after the last task.
-"""
+"""}
 
 
 def slug(name: str) -> str:
@@ -67,7 +81,11 @@ def run_one(method: str, seed: int, runs: Path, threads: int, config: str) -> di
 
     # a copy of the config whose first callback (the controller) is this method's
     data = yaml.safe_load(Path(config).read_text())
-    data["trainer"]["callbacks"][0] = METHODS[method]
+    base = data["trainer"]["callbacks"][0]
+    controller = json.loads(json.dumps(METHODS[method]))
+    if controller["class_path"] == base["class_path"]:  # a variant of the config's own controller
+        controller["init_args"] = {**base.get("init_args", {}), **controller.get("init_args", {})}
+    data["trainer"]["callbacks"][0] = controller
     root.mkdir(parents=True, exist_ok=True)
     sweep_config = root / "sweep_config.yaml"
     sweep_config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -99,21 +117,22 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
-    parser.add_argument("--runs", default="runs/cit-synth")
+    parser.add_argument("--suite", default="baselines", choices=list(SUITES))
+    parser.add_argument("--runs", default=None, help="where the runs go (default: runs/<suite name>)")
     parser.add_argument("--out", default=str(REPO / "docs" / "results"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args()
-    runs = Path(args.runs).resolve()
-    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    suite = SUITES[args.suite]
+    runs = Path(args.runs or f"runs/{suite['name']}").resolve()
+    config = str(REPO / suite["config"])
+    jobs = [(m, s) for m in suite["methods"] for s in args.seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda job: run_one(job[0], job[1], runs, args.threads, args.config), jobs))
+        results = list(pool.map(lambda job: run_one(job[0], job[1], runs, args.threads, config), jobs))
     by_method: dict[str, list[dict]] = {}
     for (method, _), scores in zip(jobs, results):
         by_method.setdefault(method, []).append(scores)
-    command = f"python benchmarks/cit_synth.py --seeds {' '.join(map(str, args.seeds))}"
+    command = f"python benchmarks/cit_synth.py --suite {args.suite} --seeds {' '.join(map(str, args.seeds))}"
     keys = [*SUMMARY_KEYS, "safety_score"]
     rows = []
     for method, scores_list in by_method.items():
@@ -125,11 +144,12 @@ def main() -> None:
         rows.append(row)
     tasks = results[0]["tasks"]
     out = Path(args.out)
-    atomic_write_json(out / "cit-synth.json", {"command": command, "config": "configs/quickstart.yaml", "tasks": tasks, "rows": rows})
+    atomic_write_json(out / f"{suite['name']}.json", {"command": command, "config": suite["config"], "tasks": tasks, "rows": rows})
     lines = [
-        "# cit-synth: replay baselines",
+        f"# {suite['title']}",
         "",
-        f"Sequence {' -> '.join(tasks)} (tiny Llama, full fine-tuning, 300 steps of 32 per task, buffers of 10% of each task).",
+        f"Sequence {' -> '.join(tasks)} (tiny Llama, full fine-tuning, 300 steps of 32 per task, buffers of 10% of each task;"
+        f" config `{suite['config']}`).",
         f"Mean ± standard error over seeds {', '.join(map(str, args.seeds))}. Scores in 0..100; `bwt_gem` divides by T-1, "
         "`bwt_trace` by T (see README, Metrics).",
         "",
@@ -142,8 +162,8 @@ def main() -> None:
         cells = [f"{row[k]:.1f} ± {row[k + '_se']:.1f}" for k in
                  ("acc", "bwt_gem", "bwt_trace", "fwt", "forgetting_chaudhry", "fgt_proxymix", "forgetting_mssr", "nta", "safety_score")]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-    lines += ["", NOTES]
-    atomic_write_text(out / "cit-synth.md", "\n".join(lines) + "\n")
+    lines += ["", NOTES[args.suite]]
+    atomic_write_text(out / f"{suite['name']}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -66,6 +66,16 @@ class MixtureController(Callback):
         """Mixture weights over all trained tasks (future ones 0) for the coming interval."""
         raise NotImplementedError
 
+    def entry_weights(self, signals: MixtureSignals) -> dict[int, list[float]] | None:
+        """Optional per-entry draw weights inside the buffers (``{task: weights}``); None = uniform."""
+        return None
+
+    def is_decision_batch(self, trainer: pl.Trainer, batch_in_task: int) -> bool:
+        """Whether a decision applies from this batch on (besides batch 0). Default: every ``decision_interval`` steps."""
+        if self.decision_interval is None:
+            return False
+        return batch_in_task % (self.decision_interval * trainer.accumulate_grad_batches) == 0
+
     # -------------------------------------------------------------------------------------- plumbing
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -87,12 +97,9 @@ class MixtureController(Callback):
         self._decide_for(trainer, batch=0)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.decision_interval is None:
-            return
         dm = trainer.datamodule
         target = batch_idx + dm.draw_ahead
-        interval_batches = self.decision_interval * trainer.accumulate_grad_batches
-        if target % interval_batches == 0 and target < dm.batches_for(trainer.current_epoch):
+        if target < dm.batches_for(trainer.current_epoch) and self.is_decision_batch(trainer, target):
             self._decide_for(trainer, batch=target)
 
     def _decide_for(self, trainer: pl.Trainer, batch: int) -> None:
@@ -113,8 +120,9 @@ class MixtureController(Callback):
             source_sizes=[len(dm.buffers.get(j, ())) for j in range(task)] + [len(dm.train_tasks[task].train)],
         )
         weights = [float(w) for w in self.decide(signals)]
-        weights = trainer.strategy.broadcast(weights, src=0)
-        dm.set_mixture(weights, from_batch=batch, task_index=task)
+        entry_weights = self.entry_weights(signals)
+        weights, entry_weights = trainer.strategy.broadcast((weights, entry_weights), src=0)
+        dm.set_mixture(weights, from_batch=batch, task_index=task, entry_weights=entry_weights)
         self.decisions.append({"task": task, "batch": batch, "weights": weights})
 
     def state_dict(self) -> dict[str, Any]:

@@ -66,8 +66,7 @@ class _MixtureDataset(Dataset):
         entry = self.dm.buffers[source].entries[position]
         if isinstance(entry, dict):
             sample = dict(entry)
-            sample.setdefault("sample_id", GENERATED_ID_BASE + source * 1_000_000 + position)
-            sample.update(task_id=source, source_id=source, is_replay=True)
+            sample.update(sample_id=self.dm.sample_id_of(source, entry, position), task_id=source, source_id=source, is_replay=True)
             return sample
         return self.dm.sample(source, int(entry), source_id=source, is_replay=True)
 
@@ -119,6 +118,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         self.eval_only_tasks: list[TaskData] = []
         self.buffers: dict[int, ReplayBuffer] = {}
         self.schedule: dict[int, dict[int, list[float]]] = {}
+        self.entry_schedule: dict[int, dict[int, dict[int, list[float]]]] = {}
         self._resume_position: tuple[int, int] | None = None
         self._id_offsets: list[int] = []
         self._collator: Collator | None = None
@@ -205,6 +205,12 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         sample.update(sample_id=self._id_offsets[task_index] + position, task_id=task_index, source_id=source_id, is_replay=is_replay)
         return sample
 
+    def sample_id_of(self, task_index: int, entry: int | dict, position: int) -> int:
+        """The ``sample_id`` a batch carries for buffer entry ``position`` of ``task_index``."""
+        if isinstance(entry, dict):
+            return int(entry.get("sample_id", GENERATED_ID_BASE + task_index * 1_000_000 + position))
+        return self._id_offsets[task_index] + int(entry)
+
     def end_task(self, task_index: int) -> ReplayBuffer:
         """Fill the replay buffer of a finished task (once; later calls return the existing buffer)."""
         if task_index not in self.buffers:
@@ -215,11 +221,20 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         return self.buffers[task_index]
 
     # -------------------------------------------------------------------------------------- mixture
-    def set_mixture(self, weights: list[float], from_batch: int, task_index: int | None = None) -> None:
+    def set_mixture(
+        self,
+        weights: list[float],
+        from_batch: int,
+        task_index: int | None = None,
+        entry_weights: dict[int, list[float]] | None = None,
+    ) -> None:
         """Schedule mixture weights (one per trained task) from ``from_batch`` of the task on.
 
         Weights for future tasks must be zero; earlier tasks whose buffer is empty are dropped and
-        the rest renormalized. Called by mixture controllers; identical on every rank.
+        the rest renormalized. ``entry_weights`` optionally gives per-entry draw weights inside
+        buffers (``{task: [weight per buffer entry]}``, e.g. MSSR's ``m^-zeta``) for the same batches;
+        buffers without them use :meth:`ReplayBuffer.sampling_weights`. Called by mixture
+        controllers; identical on every rank.
         """
         task_index = self.trainer.current_epoch if task_index is None else task_index
         weights = [float(w) for w in weights]
@@ -230,9 +245,22 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         if any(w > 0 for w in weights[task_index + 1 :]):
             raise ConfigError(f"mixture {weights} puts weight on future tasks (current task index {task_index})")
         self.schedule.setdefault(task_index, {})[int(from_batch)] = weights
+        if entry_weights is not None:
+            for j, per_entry in entry_weights.items():
+                if len(per_entry) != len(self.buffers.get(int(j), ())):
+                    raise ConfigError(f"entry weights for task {j} have {len(per_entry)} values for {len(self.buffers.get(int(j), ()))} buffer entries")
+            clean = {int(j): [float(w) for w in v] for j, v in entry_weights.items()}
+            self.entry_schedule.setdefault(task_index, {})[int(from_batch)] = clean
 
     def has_decision(self, task_index: int, batch: int) -> bool:
         return batch in self.schedule.get(task_index, {})
+
+    def entry_weights_for(self, task_index: int, batch: int) -> list[list[float] | None]:
+        """Per-entry draw weights of each source for ``batch`` (None = seeded permutation walk)."""
+        decisions = self.entry_schedule.get(task_index, {})
+        keys = [b for b in decisions if b <= batch]
+        scheduled = decisions[max(keys)] if keys else {}
+        return [scheduled.get(j, self.buffers[j].sampling_weights()) for j in range(task_index)] + [None]
 
     def weights_for(self, task_index: int, batch: int) -> list[float]:
         """The weights in force for ``batch`` of ``task_index``, over its sources (buffers then current)."""
@@ -274,7 +302,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             rank=self.trainer.global_rank,
             seed=self.seed,
             start_batch=start,
-            source_weights=[self.buffers[j].sampling_weights() for j in range(task_index)] + [None],
+            entry_weights_for_batch=lambda b: self.entry_weights_for(task_index, b),
         )
         rank_zero_info(
             f"task {task_index + 1}/{self.num_tasks} {self.task_names[task_index]!r}: {self.steps_for(task_index)} steps, "
@@ -314,6 +342,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             position = (self.trainer.current_epoch, progress.processed)
         return {
             "schedule": {k: dict(v) for k, v in self.schedule.items()},
+            "entry_schedule": {k: dict(v) for k, v in self.entry_schedule.items()},
             "buffers": {j: b.state_dict() for j, b in self.buffers.items()},
             "position": position,
             "truncated": dict(self._collator.truncated) if self._collator else {},
@@ -325,6 +354,10 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         if saved and saved != self.task_names:
             raise TaskDataError(f"the checkpoint was trained on tasks {saved}, this run defines {self.task_names}")
         self.schedule = {int(k): {int(b): list(w) for b, w in v.items()} for k, v in state["schedule"].items()}
+        self.entry_schedule = {
+            int(k): {int(b): {int(j): list(w) for j, w in e.items()} for b, e in v.items()}
+            for k, v in state.get("entry_schedule", {}).items()
+        }
         self.buffers = {}
         for j, buffer_state in state["buffers"].items():
             buffer = ReplayBuffer(int(j))

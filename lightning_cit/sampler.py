@@ -46,7 +46,8 @@ class MixtureSampler(Sampler[list[Key]]):
         world_size, rank: the data-parallel layout.
         seed: base seed of the run.
         start_batch: first batch to yield (resume); earlier draws are replayed silently.
-        source_weights: optional per-entry weights per source (``None`` = permutation walk).
+        entry_weights_for_batch: per-entry draw weights of each source in force for a batch
+            (``None`` for a source = walk it in seeded permutations); None = permutations everywhere.
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class MixtureSampler(Sampler[list[Key]]):
         rank: int = 0,
         seed: int = 0,
         start_batch: int = 0,
-        source_weights: Sequence[Sequence[float] | None] | None = None,
+        entry_weights_for_batch: Callable[[int], Sequence[Sequence[float] | None]] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -73,7 +74,7 @@ class MixtureSampler(Sampler[list[Key]]):
         self.rank = rank
         self.seed = seed
         self.start_batch = start_batch
-        self.source_weights = list(source_weights) if source_weights is not None else [None] * len(self.source_sizes)
+        self.entry_weights_for_batch = entry_weights_for_batch
 
     def __len__(self) -> int:
         # the full task length, also when resuming: Lightning continues its batch index from the checkpoint
@@ -94,10 +95,11 @@ class MixtureSampler(Sampler[list[Key]]):
         generator = torch.Generator().manual_seed(_seed(self.seed, self.task_index, batch))
         global_size = self.micro_batch_size * self.world_size
         sources = torch.multinomial(weights, global_size, replacement=True, generator=generator).tolist()
+        entry_weights = self.entry_weights_for_batch(batch) if self.entry_weights_for_batch else None
         keys = []
         for source in sources:
             size = self.source_sizes[source]
-            per_entry = self.source_weights[source]
+            per_entry = entry_weights[source] if entry_weights is not None else None
             if per_entry is not None:
                 position = int(torch.multinomial(torch.as_tensor(per_entry, dtype=torch.float64), 1, generator=generator))
                 keys.append((source, position))

@@ -67,7 +67,7 @@ def test_schedule_changes_apply_from_their_batch():
 
 def test_per_entry_weights_inside_a_source():
     sampler = MixtureSampler(
-        [4, 100], lambda b: [1.0, 0.0], 1, 100, 10, source_weights=[[0.7, 0.1, 0.1, 0.1], None]
+        [4, 100], lambda b: [1.0, 0.0], 1, 100, 10, entry_weights_for_batch=lambda b: [[0.7, 0.1, 0.1, 0.1], None]
     )
     counts = Counter(pos for batch in sampler for _, pos in batch)
     assert counts[0] / 1000 == pytest.approx(0.7, abs=0.05)

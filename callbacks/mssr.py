@@ -1,0 +1,328 @@
+"""MSSR: memory-strength replay (Lu, He, Chen, Zha; arXiv 2603.09892), as a mixture controller.
+
+Every buffer entry carries a memory state: strength ``m`` and stability ``S``. Between reviews ``m``
+decays with a hazard driven by the entry's loss; a review (the entry is replayed and trained on)
+resets ``m`` to 1 and consolidates ``S`` so later decay is slower. The **sampler** part draws weak
+memories more often (``p_i ∝ m_i^-ζ``, Eq.10); the **scheduler** part sets the replay ratio
+``λ(t)`` (Eq.9) and the expanding replay events (Eq.8). Both run through the ordinary mixture
+protocol: per-source weights plus per-entry weights inside the buffers, decided ahead and keyed by
+batch, so decisions are identical on every rank and reproduce exactly on resume.
+
+Equations (paper numbering) and where they live:
+
+- Eq.4 hazard ``h_i = (α + γ_d φ(ℓ̂_i)) / S_i`` with ``φ(x) = 1/(1+e^{-k(x-c)})`` (Eq.20): :meth:`MemoryStates.review`.
+- Eq.13-14 loss denoising: EMA ``ℓ̃`` (β_ema = 0.95), normalized by the 5th/95th percentiles of the
+  buffer's EMA losses and clipped to [0, 1]: :meth:`MemoryStates.review`.
+- Lemma A.1 closed form between reviews, evaluated lazily when read: ``m(t) = m* e^{-h (t - t*)}``
+  (kept in log space, so long gaps cannot underflow): :meth:`MemoryStates.log_strength`.
+- Eq.5 review and consolidation ``S⁺ = clip(S + η_s (S_max - S)^β e^{-ρ Δt} (1 - m⁻)^{γ_s}, S_min, S_max)``,
+  then ``m ← 1``, ``t* ← t`` (σ_s = 0, so no noise term): :meth:`MemoryStates.review`.
+- Eq.8 expanding intervals ``Δt(k+1) = Δt(k) (1 + η_p e^{-ρ_p k})``, ``Δt(1) = 100``, k from 1
+  (100, 148, 214, 307, ...): :func:`replay_event_steps`.
+- Eq.9 ratio ``λ(t) = λ0 e^{-β_r t} + λ_min``; Appendix Eq.29's ``λ_min + (λ0 - λ_min) e^{-β_r t}`` is
+  ``ratio_formula="eq29"``: :func:`replay_ratio`.
+- Eq.10 sampling ``p_i ∝ m_i^-ζ`` (not §3.3's ``(1-m)^β e^{ρΔt}``; Table 12 confirms Eq.10): :meth:`MSSRReplay.entry_weights`.
+
+Choices where the paper contradicts itself or is silent (methods.md §7f):
+
+- *When replay happens* (``replay_mode``): ``"every_batch"`` (default; Table 12: every batch mixes
+  replay at ratio λ(t), re-decided every ``decision_interval`` steps) or ``"event"`` (Algorithm 1:
+  replay only at the Eq.8 event steps, each for ``event_length`` steps at ratio λ(t_k)). The default
+  follows the training table because a handful of one-step events replays almost nothing at
+  benchmark scale; the event reading stays available for the ablation.
+- *Time* ``t`` is the global optimizer step (the paper's λ decays over the whole run).
+- *Unseen losses*: an entry never reviewed has no EMA loss; it gets ``ℓ̂ = c`` (the sigmoid's centre),
+  i.e. the median hazard. Its initial state is ``m = 1``, ``S = S_min`` at the step its task ended.
+- *Allocation across tasks*: the paper keeps one pooled buffer; here each finished task has its own
+  buffer, and a buffer's source weight is proportional to the sum of its entries' ``m^-ζ``, so the
+  per-entry probability over the pooled entries is exactly Eq.10.
+- Not implemented: the periodic re-scoring forward pass over the whole buffer and the staleness cap
+  (non-replayed entries keep their last EMA loss; their strength still decays in closed form).
+
+Ablations (methods.md §7a): ``sampler="memory", schedule="fixed"`` is MSSR_spl (memory-aware sampling
+at a constant ``fixed_ratio``); ``sampler="uniform", schedule="adaptive"`` is MSSR_sch; both memory
+and adaptive is the full method.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals
+from lightning_cit.errors import ConfigError
+
+REPLAY_MODES = ("every_batch", "event")
+RATIO_FORMULAS = ("eq9", "eq29")
+
+
+def replay_event_steps(first_interval: float, eta_p: float, rho_p: float, until: int) -> list[int]:
+    """Eq.8 event steps ``t_1 = Δt(1)``, ``t_{k+1} = t_k + Δt(k+1)``, rounded, up to ``until``."""
+    steps, interval, t, k = [], float(first_interval), float(first_interval), 1
+    while t <= until:
+        steps.append(int(round(t)))
+        interval *= 1.0 + eta_p * math.exp(-rho_p * k)
+        t += interval
+        k += 1
+    return steps
+
+
+def replay_ratio(step: int, lambda_0: float, lambda_min: float, beta_r: float, formula: str = "eq9") -> float:
+    """Eq.9 ``λ0 e^{-β_r t} + λ_min`` or Appendix Eq.29 ``λ_min + (λ0 - λ_min) e^{-β_r t}``."""
+    decay = math.exp(-beta_r * step)
+    if formula == "eq9":
+        return lambda_0 * decay + lambda_min
+    return lambda_min + (lambda_0 - lambda_min) * decay
+
+
+class MemoryStates:
+    """Per-entry memory state of every buffer: lazy strength, stability, loss EMA (all float64)."""
+
+    def __init__(
+        self,
+        alpha: float = 0.01,
+        gamma_d: float = 0.2,
+        k: float = 10.0,
+        c: float = 0.5,
+        beta_ema: float = 0.95,
+        quantiles: tuple[float, float] = (0.05, 0.95),
+        eta_s: float = 0.05,
+        beta: float = 0.5,
+        rho: float = 0.01,
+        gamma_s: float = 1.0,
+        s_min: float = 1.0,
+        s_max: float = 10.0,
+    ) -> None:
+        self.alpha, self.gamma_d, self.k, self.c = alpha, gamma_d, k, c
+        self.beta_ema, self.quantiles = beta_ema, quantiles
+        self.eta_s, self.beta, self.rho, self.gamma_s = eta_s, beta, rho, gamma_s
+        self.s_min, self.s_max = s_min, s_max
+        # per task: log m* at the last review, S, step of the last review t*, hazard h, EMA loss (nan = none)
+        self.log_m: dict[int, torch.Tensor] = {}
+        self.stability: dict[int, torch.Tensor] = {}
+        self.t_star: dict[int, torch.Tensor] = {}
+        self.hazard: dict[int, torch.Tensor] = {}
+        self.ema: dict[int, torch.Tensor] = {}
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.k * (x - self.c))
+
+    def add_task(self, task: int, size: int, step: int) -> None:
+        f64 = torch.float64
+        self.log_m[task] = torch.zeros(size, dtype=f64)
+        self.stability[task] = torch.full((size,), self.s_min, dtype=f64)
+        self.t_star[task] = torch.full((size,), float(step), dtype=f64)
+        # unseen loss: ℓ̂ = c, the median hazard
+        self.hazard[task] = (self.alpha + self.gamma_d * self.phi(torch.full((size,), self.c, dtype=f64))) / self.s_min
+        self.ema[task] = torch.full((size,), float("nan"), dtype=f64)
+
+    def log_strength(self, task: int, step: int) -> torch.Tensor:
+        """Lemma A.1: ``log m(t) = log m* - h (t - t*)`` for every entry, without stepping through time."""
+        return self.log_m[task] - self.hazard[task] * (step - self.t_star[task]).clamp(min=0)
+
+    def _normalized(self, ema: torch.Tensor) -> torch.Tensor:
+        known = torch.cat([e[~e.isnan()] for e in self.ema.values()]) if self.ema else ema.new_empty(0)
+        if known.numel() < 2:
+            return torch.full_like(ema, self.c)
+        low, high = torch.quantile(known, torch.tensor(self.quantiles, dtype=known.dtype))
+        if high <= low:
+            return torch.full_like(ema, self.c)
+        return ((ema - low) / (high - low)).clamp(0.0, 1.0)
+
+    def review(self, task: int, positions: torch.Tensor, losses: torch.Tensor, step: int) -> None:
+        """Eq.5 (+ Eq.4, Eq.13-14) for the entries of ``task`` at ``positions`` trained on at ``step``."""
+        positions = positions.long()
+        losses = losses.to(torch.float64)
+        old = self.ema[task][positions]
+        self.ema[task][positions] = torch.where(old.isnan(), losses, self.beta_ema * old + (1 - self.beta_ema) * losses)
+        m_before = self.log_strength(task, step)[positions].exp()
+        gap = (step - self.t_star[task][positions]).clamp(min=0)
+        s = self.stability[task][positions]
+        growth = self.eta_s * (self.s_max - s).clamp(min=0) ** self.beta * torch.exp(-self.rho * gap) * (1 - m_before) ** self.gamma_s
+        s_new = (s + growth).clamp(self.s_min, self.s_max)
+        self.stability[task][positions] = s_new
+        self.log_m[task][positions] = 0.0
+        self.t_star[task][positions] = float(step)
+        normalized = self._normalized(self.ema[task][positions])
+        self.hazard[task][positions] = (self.alpha + self.gamma_d * self.phi(normalized)) / s_new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: {int(t): v.clone() for t, v in getattr(self, name).items()} for name in ("log_m", "stability", "t_star", "hazard", "ema")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, per_task in state.items():
+            setattr(self, name, {int(t): v.clone().to(torch.float64) for t, v in per_task.items()})
+
+
+class MSSRReplay(MixtureController):
+    """MSSR as a mixture controller: memory-aware sampler + adaptive replay scheduler (see module docstring).
+
+    Args:
+        replay_mode: ``every_batch`` (replay at ratio λ(t) in every batch) or ``event`` (only at Eq.8 events).
+        sampler: ``memory`` (p ∝ m^-ζ) or ``uniform``.
+        schedule: ``adaptive`` (λ(t), Eq.9) or ``fixed`` (``fixed_ratio`` every batch).
+        fixed_ratio: replay share with ``schedule: fixed``.
+        lambda_0, lambda_min, beta_r: Eq.9 (paper: 0.3, 0.05, 1e-5 per step over 2000-step stages).
+        ratio_formula: ``eq9`` or ``eq29``.
+        first_interval, eta_p, rho_p: Eq.8 (paper: 100 steps, 0.5, 0.05).
+        event_length: optimizer steps each replay event lasts in ``event`` mode.
+        zeta: sampling sharpness of Eq.10 (0 = uniform).
+        decision_interval: optimizer steps between re-decisions in ``every_batch`` mode.
+        alpha, gamma_d, k, c, beta_ema, eta_s, beta, rho, gamma_s, s_min, s_max: memory dynamics (Table 9 defaults).
+    """
+
+    def __init__(
+        self,
+        replay_mode: str = "every_batch",
+        sampler: str = "memory",
+        schedule: str = "adaptive",
+        fixed_ratio: float = 0.05,
+        lambda_0: float = 0.3,
+        lambda_min: float = 0.05,
+        beta_r: float = 1e-5,
+        ratio_formula: str = "eq9",
+        first_interval: int = 100,
+        eta_p: float = 0.5,
+        rho_p: float = 0.05,
+        event_length: int = 1,
+        zeta: float = 1.0,
+        decision_interval: int = 10,
+        alpha: float = 0.01,
+        gamma_d: float = 0.2,
+        k: float = 10.0,
+        c: float = 0.5,
+        beta_ema: float = 0.95,
+        eta_s: float = 0.05,
+        beta: float = 0.5,
+        rho: float = 0.01,
+        gamma_s: float = 1.0,
+        s_min: float = 1.0,
+        s_max: float = 10.0,
+    ) -> None:
+        super().__init__(decision_interval=decision_interval if replay_mode == "every_batch" else None)
+        for name, value, valid in (("replay_mode", replay_mode, REPLAY_MODES), ("sampler", sampler, ("memory", "uniform")),
+                                   ("schedule", schedule, ("adaptive", "fixed")), ("ratio_formula", ratio_formula, RATIO_FORMULAS)):
+            if value not in valid:
+                raise ConfigError(f"MSSRReplay.{name}={value!r} is unknown; valid: {', '.join(valid)}")
+        for name, value in (("fixed_ratio", fixed_ratio), ("lambda_0", lambda_0), ("lambda_min", lambda_min)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"MSSRReplay.{name}={value} must lie in [0, 1]")
+        if not s_min <= s_max or s_min <= 0:
+            raise ConfigError(f"MSSRReplay needs 0 < s_min <= s_max, got {s_min}, {s_max}")
+        self.replay_mode, self.sampler, self.schedule = replay_mode, sampler, schedule
+        self.fixed_ratio, self.lambda_0, self.lambda_min, self.beta_r = fixed_ratio, lambda_0, lambda_min, beta_r
+        self.ratio_formula = ratio_formula
+        self.first_interval, self.eta_p, self.rho_p, self.event_length = first_interval, eta_p, rho_p, event_length
+        self.zeta = zeta
+        self.memory = MemoryStates(alpha, gamma_d, k, c, beta_ema, (0.05, 0.95), eta_s, beta, rho, gamma_s, s_min, s_max)
+        self._positions: dict[int, dict[int, int]] = {}  # task -> sample_id -> buffer position
+        self._event_steps: set[int] = set()
+        self.replay_shares: list[tuple[int, float]] = []  # (global step the decision applies from, replay share)
+
+    # ------------------------------------------------------------------------------------ scheduling
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            total = sum(trainer.datamodule.steps_for(k) for k in range(trainer.datamodule.num_tasks))
+            self._event_steps = set(replay_event_steps(self.first_interval, self.eta_p, self.rho_p, total))
+
+    def _global_step_of(self, trainer: pl.Trainer, batch_in_task: int) -> int:
+        dm = trainer.datamodule
+        return dm.task_start_step(trainer.current_epoch) + batch_in_task // trainer.accumulate_grad_batches
+
+    def _in_event(self, step: int) -> bool:
+        return any(e <= step < e + self.event_length for e in self._event_steps)
+
+    def is_decision_batch(self, trainer: pl.Trainer, batch_in_task: int) -> bool:
+        if self.replay_mode == "every_batch":
+            return super().is_decision_batch(trainer, batch_in_task)
+        if batch_in_task % trainer.accumulate_grad_batches:
+            return False
+        # an event switches replay on at its first step and off after its last
+        step = self._global_step_of(trainer, batch_in_task)
+        return self._in_event(step) != self._in_event(step - 1)
+
+    def ratio_at(self, step: int) -> float:
+        if self.replay_mode == "event" and not self._in_event(step):
+            return 0.0
+        if self.schedule == "fixed":
+            return self.fixed_ratio
+        return replay_ratio(step, self.lambda_0, self.lambda_min, self.beta_r, self.ratio_formula)
+
+    # ------------------------------------------------------------------------------------ decisions
+    def _sync_buffers(self, trainer: pl.Trainer) -> None:
+        dm = trainer.datamodule
+        for task, buffer in dm.buffers.items():
+            if task not in self.memory.log_m:
+                self.memory.add_task(task, len(buffer), step=dm.task_start_step(task + 1))
+            if task not in self._positions:
+                self._positions[task] = {dm.sample_id_of(task, entry, i): i for i, entry in enumerate(buffer.entries)}
+
+    def _entry_log_weights(self, task: int, step: int) -> torch.Tensor:
+        if self.sampler == "uniform":
+            return torch.zeros_like(self.memory.log_m[task])
+        return -self.zeta * self.memory.log_strength(task, step)
+
+    def decide(self, signals: MixtureSignals) -> list[float]:
+        trainer = self._trainer
+        self._sync_buffers(trainer)
+        k = signals.task_index
+        step = self._global_step_of(trainer, signals.batch_in_task)
+        ratio = self.ratio_at(step) if k > 0 else 0.0
+        self.replay_shares.append((step, ratio))
+        if k == 0 or ratio == 0.0:
+            return [1.0 if j == k else 0.0 for j in range(signals.num_tasks)]
+        # a buffer's share is the sum of its entries' m^-ζ, so entries are drawn ∝ m^-ζ over the pooled buffers (Eq.10)
+        logs = [self._entry_log_weights(j, step) for j in range(k)]
+        top = max(float(v.max()) for v in logs if v.numel())
+        mass = [float(torch.exp(v - top).sum()) if v.numel() else 0.0 for v in logs]
+        total = sum(mass)
+        replay = [ratio * m / total for m in mass] if total > 0 else [0.0] * k
+        return replay + [1.0 - ratio] + [0.0] * (signals.num_tasks - k - 1)
+
+    def entry_weights(self, signals: MixtureSignals) -> dict[int, list[float]] | None:
+        if self.sampler == "uniform" or signals.task_index == 0:
+            return None
+        step = self._global_step_of(self._trainer, signals.batch_in_task)
+        out = {}
+        for j in range(signals.task_index):
+            v = self._entry_log_weights(j, step)
+            out[j] = torch.exp(v - v.max()).tolist() if v.numel() else []
+        return out
+
+    def _decide_for(self, trainer: pl.Trainer, batch: int) -> None:
+        self._trainer = trainer
+        super()._decide_for(trainer, batch)
+
+    # ------------------------------------------------------------------------------------ reviews
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not isinstance(outputs, dict) or "per_sample_loss" not in outputs:
+            return
+        tensors = torch.stack([batch["sample_ids"].double(), batch["source_ids"].double(), batch["is_replay"].double(),
+                               outputs["per_sample_loss"].double()])
+        if trainer.world_size > 1:  # every rank applies every rank's reviews, so memory states agree
+            tensors = trainer.strategy.all_gather(tensors).permute(1, 0, 2).reshape(4, -1)
+        sample_ids, sources, replayed, losses = tensors.cpu()
+        if not replayed.any():
+            return
+        self._sync_buffers(trainer)
+        step = trainer.global_step
+        for task in sources[replayed.bool()].long().unique().tolist():
+            mask = replayed.bool() & (sources.long() == task)
+            index = self._positions[task]
+            seen: dict[int, float] = {}
+            for sid, loss in zip(sample_ids[mask].long().tolist(), losses[mask].tolist()):
+                seen.setdefault(index[sid], loss)  # an entry drawn twice in one step is reviewed once
+            self.memory.review(task, torch.tensor(list(seen)), torch.tensor(list(seen.values())), step)
+
+    # ------------------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "memory": self.memory.state_dict(), "replay_shares": [list(x) for x in self.replay_shares]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.memory.load_state_dict(state_dict["memory"])
+        self.replay_shares = [(int(a), float(b)) for a, b in state_dict.get("replay_shares", [])]
