@@ -22,8 +22,12 @@ class RecordSamples(Callback):
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.out_dir, exist_ok=True)
         schedule = {str(k): {str(b): w for b, w in v.items()} for k, v in trainer.datamodule.schedule.items()}
+        memory = {}
+        for callback in trainer.callbacks:  # MSSR memory states, to check that ranks agree
+            if hasattr(callback, "memory"):
+                memory = {name: {str(t): v.tolist() for t, v in per_task.items()} for name, per_task in callback.memory.state_dict().items()}
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
-            json.dump({"seen": self.seen, "sources": self.sources, "schedule": schedule}, handle)
+            json.dump({"seen": self.seen, "sources": self.sources, "schedule": schedule, "memory": memory}, handle)
 
 
 class FailAt(Callback):

@@ -130,9 +130,16 @@ def test_validate_and_test_subcommands_score_a_checkpoint(tmp_path):
         assert f"{prefix}/score/cipher_a" in header and f"{prefix}/loss/compare" in header
 
 
-def test_ddp_two_processes_on_cpu(tmp_path):
+@pytest.mark.parametrize(
+    "controller",
+    [
+        {"class_path": "lightning_cit.callbacks.Proportional", "init_args": {"decision_interval": 4}},
+        {"class_path": "lightning_cit.callbacks.MSSRReplay", "init_args": {"lambda_0": 0.3, "decision_interval": 4}},
+    ],
+    ids=["proportional", "mssr"],
+)
+def test_ddp_two_processes_on_cpu(tmp_path, controller):
     record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec")}}
-    controller = {"class_path": "lightning_cit.callbacks.Proportional", "init_args": {"decision_interval": 4}}
     config = small_config(tmp_path, controller, [record])
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config),
@@ -143,6 +150,9 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     r0 = json.loads((tmp_path / "rec" / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rec" / "rank1.json").read_text())
     assert r0["schedule"] == r1["schedule"]  # mixture weights agree across ranks
+    assert r0["memory"] == r1["memory"]  # MSSR memory states too (empty for other controllers)
+    if "MSSR" in controller["class_path"]:
+        assert any(v == v for per_task in r0["memory"]["ema"].values() for v in per_task)  # reviews happened
     assert len(r0["seen"]) == len(r1["seen"]) == 3 * STEPS
     for a, b in zip(r0["seen"], r1["seen"]):
         assert len(a) - 2 == len(b) - 2 == 4  # global batch 8 over 2 ranks
