@@ -36,8 +36,11 @@ Choices where the paper contradicts itself or is silent (methods.md §7f):
 - *Allocation across tasks*: the paper keeps one pooled buffer; here each finished task has its own
   buffer, and a buffer's source weight is proportional to the sum of its entries' ``m^-ζ``, so the
   per-entry probability over the pooled entries is exactly Eq.10.
-- Not implemented: the periodic re-scoring forward pass over the whole buffer and the staleness cap
-  (non-replayed entries keep their last EMA loss; their strength still decays in closed form).
+- *Re-scoring* (Table 12: "refresh every 50 steps; recompute stale losses"): every ``rescore_interval``
+  steps every buffer entry's loss is recomputed (no gradient) and fed to its EMA and hazard; ``m`` stays
+  continuous (the closed form is re-anchored). This is not a review: ``m`` is not reset, ``S`` unchanged.
+  The staleness cap is implied (every entry is re-scored); buffer refresh (adding/replacing entries)
+  is not done: buffers are filled once, when their task ends.
 
 Ablations (methods.md §7a): ``sampler="memory", schedule="fixed"`` is MSSR_spl (memory-aware sampling
 at a constant ``fixed_ratio``); ``sampler="uniform", schedule="adaptive"`` is MSSR_sch; both memory
@@ -100,11 +103,13 @@ class MemoryStates:
         self.beta_ema, self.quantiles = beta_ema, quantiles
         self.eta_s, self.beta, self.rho, self.gamma_s = eta_s, beta, rho, gamma_s
         self.s_min, self.s_max = s_min, s_max
-        # per task: log m* at the last review, S, step of the last review t*, hazard h, EMA loss (nan = none)
+        # per task: log m at the anchor step t* (the last review or hazard change), S, t*, the hazard h
+        # in force since t*, the step of the last review, and the EMA loss (nan = never scored)
         self.log_m: dict[int, torch.Tensor] = {}
         self.stability: dict[int, torch.Tensor] = {}
         self.t_star: dict[int, torch.Tensor] = {}
         self.hazard: dict[int, torch.Tensor] = {}
+        self.t_review: dict[int, torch.Tensor] = {}
         self.ema: dict[int, torch.Tensor] = {}
 
     def phi(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +120,7 @@ class MemoryStates:
         self.log_m[task] = torch.zeros(size, dtype=f64)
         self.stability[task] = torch.full((size,), self.s_min, dtype=f64)
         self.t_star[task] = torch.full((size,), float(step), dtype=f64)
+        self.t_review[task] = torch.full((size,), float(step), dtype=f64)
         # unseen loss: ℓ̂ = c, the median hazard
         self.hazard[task] = (self.alpha + self.gamma_d * self.phi(torch.full((size,), self.c, dtype=f64))) / self.s_min
         self.ema[task] = torch.full((size,), float("nan"), dtype=f64)
@@ -132,25 +138,42 @@ class MemoryStates:
             return torch.full_like(ema, self.c)
         return ((ema - low) / (high - low)).clamp(0.0, 1.0)
 
+    def _update_ema(self, task: int, positions: torch.Tensor, losses: torch.Tensor) -> None:
+        old = self.ema[task][positions]
+        losses = losses.to(torch.float64)
+        self.ema[task][positions] = torch.where(old.isnan(), losses, self.beta_ema * old + (1 - self.beta_ema) * losses)
+
+    def rescore(self, task: int, losses: torch.Tensor, step: int) -> None:
+        """Fresh losses of every entry (no review): update the EMA and the hazard, keep ``m`` continuous.
+
+        The hazard is piecewise constant (Lemma A.1); a change re-anchors ``m* = m(t)``, ``t* = t``.
+        Without this, an entry that was easy when last replayed keeps a low hazard however much it
+        has been forgotten since, and is never drawn again (the paper re-scores every 50 steps).
+        """
+        positions = torch.arange(losses.numel())
+        self._update_ema(task, positions, losses)
+        self.log_m[task] = self.log_strength(task, step)
+        self.t_star[task] = torch.full_like(self.t_star[task], float(step))
+        self.hazard[task] = (self.alpha + self.gamma_d * self.phi(self._normalized(self.ema[task]))) / self.stability[task]
+
     def review(self, task: int, positions: torch.Tensor, losses: torch.Tensor, step: int) -> None:
         """Eq.5 (+ Eq.4, Eq.13-14) for the entries of ``task`` at ``positions`` trained on at ``step``."""
         positions = positions.long()
-        losses = losses.to(torch.float64)
-        old = self.ema[task][positions]
-        self.ema[task][positions] = torch.where(old.isnan(), losses, self.beta_ema * old + (1 - self.beta_ema) * losses)
+        self._update_ema(task, positions, losses)
         m_before = self.log_strength(task, step)[positions].exp()
-        gap = (step - self.t_star[task][positions]).clamp(min=0)
+        gap = (step - self.t_review[task][positions]).clamp(min=0)
         s = self.stability[task][positions]
         growth = self.eta_s * (self.s_max - s).clamp(min=0) ** self.beta * torch.exp(-self.rho * gap) * (1 - m_before) ** self.gamma_s
         s_new = (s + growth).clamp(self.s_min, self.s_max)
         self.stability[task][positions] = s_new
         self.log_m[task][positions] = 0.0
         self.t_star[task][positions] = float(step)
+        self.t_review[task][positions] = float(step)
         normalized = self._normalized(self.ema[task][positions])
         self.hazard[task][positions] = (self.alpha + self.gamma_d * self.phi(normalized)) / s_new
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: {int(t): v.clone() for t, v in getattr(self, name).items()} for name in ("log_m", "stability", "t_star", "hazard", "ema")}
+        return {name: {int(t): v.clone() for t, v in getattr(self, name).items()} for name in ("log_m", "stability", "t_star", "hazard", "t_review", "ema")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, per_task in state.items():
@@ -171,6 +194,7 @@ class MSSRReplay(MixtureController):
         event_length: optimizer steps each replay event lasts in ``event`` mode.
         zeta: sampling sharpness of Eq.10 (0 = uniform).
         decision_interval: optimizer steps between re-decisions in ``every_batch`` mode.
+        rescore_interval: optimizer steps between loss re-scorings of every buffer entry (paper: 50); null = never.
         alpha, gamma_d, k, c, beta_ema, eta_s, beta, rho, gamma_s, s_min, s_max: memory dynamics (Table 9 defaults).
     """
 
@@ -190,6 +214,7 @@ class MSSRReplay(MixtureController):
         event_length: int = 1,
         zeta: float = 1.0,
         decision_interval: int = 10,
+        rescore_interval: int | None = 50,
         alpha: float = 0.01,
         gamma_d: float = 0.2,
         k: float = 10.0,
@@ -217,6 +242,7 @@ class MSSRReplay(MixtureController):
         self.ratio_formula = ratio_formula
         self.first_interval, self.eta_p, self.rho_p, self.event_length = first_interval, eta_p, rho_p, event_length
         self.zeta = zeta
+        self.rescore_interval = rescore_interval
         self.memory = MemoryStates(alpha, gamma_d, k, c, beta_ema, (0.05, 0.95), eta_s, beta, rho, gamma_s, s_min, s_max)
         self._positions: dict[int, dict[int, int]] = {}  # task -> sample_id -> buffer position
         self._event_steps: set[int] = set()
@@ -299,6 +325,28 @@ class MSSRReplay(MixtureController):
 
     # ------------------------------------------------------------------------------------ reviews
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._review(trainer, outputs, batch)
+        step = trainer.global_step
+        if self.rescore_interval and step % self.rescore_interval == 0 and step != getattr(self, "_last_rescore", -1):
+            self._last_rescore = step
+            self._rescore(trainer, pl_module, step)
+
+    def _rescore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Teacher-forced loss of every buffer entry; rank 0 computes, every rank applies the same numbers."""
+        self._sync_buffers(trainer)
+        dm = trainer.datamodule
+        for task in sorted(self.memory.log_m):
+            losses = None
+            if trainer.global_rank == 0:
+                was_training = pl_module.training
+                pl_module.eval()
+                losses = pl_module.sample_losses(dm.buffer_samples(task))
+                if was_training:
+                    pl_module.train()
+            losses = trainer.strategy.broadcast(losses, src=0)
+            self.memory.rescore(task, torch.tensor(losses, dtype=torch.float64), step)
+
+    def _review(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
         if not isinstance(outputs, dict) or "per_sample_loss" not in outputs:
             return
         tensors = torch.stack([batch["sample_ids"].double(), batch["source_ids"].double(), batch["is_replay"].double(),
@@ -320,9 +368,15 @@ class MSSRReplay(MixtureController):
 
     # ------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "memory": self.memory.state_dict(), "replay_shares": [list(x) for x in self.replay_shares]}
+        return {
+            **super().state_dict(),
+            "memory": self.memory.state_dict(),
+            "replay_shares": [list(x) for x in self.replay_shares],
+            "last_rescore": getattr(self, "_last_rescore", -1),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.memory.load_state_dict(state_dict["memory"])
+        self._last_rescore = int(state_dict.get("last_rescore", -1))
         self.replay_shares = [(int(a), float(b)) for a, b in state_dict.get("replay_shares", [])]

@@ -211,6 +211,11 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             return int(entry.get("sample_id", GENERATED_ID_BASE + task_index * 1_000_000 + position))
         return self._id_offsets[task_index] + int(entry)
 
+    def buffer_samples(self, task_index: int) -> list[dict]:
+        """The samples of a task's replay buffer, in entry order."""
+        view = _MixtureDataset(self, task_index + 1)
+        return [view[(task_index, position)] for position in range(len(self.buffers[task_index]))]
+
     def end_task(self, task_index: int) -> ReplayBuffer:
         """Fill the replay buffer of a finished task (once; later calls return the existing buffer)."""
         if task_index not in self.buffers:

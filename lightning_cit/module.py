@@ -304,11 +304,12 @@ class ContinualLM(pl.LightningModule):
     @torch.no_grad()
     def probe_loss(self, samples: list[dict], max_length: int = 256) -> float:
         """Mean teacher-forced loss over ``samples`` (the cheap probe the controllers read)."""
-        losses = self._sample_losses(samples, max_length)
+        losses = self.sample_losses(samples, max_length)
         return float(sum(losses) / max(1, len(losses)))
 
     @torch.no_grad()
-    def _sample_losses(self, samples: list[dict], max_length: int = 256) -> list[float]:
+    def sample_losses(self, samples: list[dict], max_length: int = 256) -> list[float]:
+        """Teacher-forced loss of each sample (token mean over its response)."""
         collate = Collator(self.tokenizer, max_length, [])
         out: list[float] = []
         for i in range(0, len(samples), self.eval_batch_size):
@@ -362,7 +363,7 @@ class ContinualLM(pl.LightningModule):
         This is the method :class:`~lightning_cit.callbacks.ForgettingEvaluator` calls; a module of
         another project implements the same signature to be evaluated.
         """
-        losses = self._sample_losses(samples)
+        losses = self.sample_losses(samples)
         if metric == MC_ACCURACY:
             chosen = self.choose_options(samples)
             predictions = [str(s["options"][c]) for s, c in zip(samples, chosen)]

@@ -134,7 +134,7 @@ def test_validate_and_test_subcommands_score_a_checkpoint(tmp_path):
     "controller",
     [
         {"class_path": "lightning_cit.callbacks.Proportional", "init_args": {"decision_interval": 4}},
-        {"class_path": "lightning_cit.callbacks.MSSRReplay", "init_args": {"lambda_0": 0.3, "decision_interval": 4}},
+        {"class_path": "lightning_cit.callbacks.MSSRReplay", "init_args": {"lambda_0": 0.3, "decision_interval": 4, "rescore_interval": 5}},
     ],
     ids=["proportional", "mssr"],
 )

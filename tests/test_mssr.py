@@ -43,6 +43,18 @@ def test_review_follows_eq4_eq5_by_hand():
     assert float(mem.stability[0][2]) == pytest.approx(1.0)
 
 
+def test_rescoring_keeps_strength_continuous_and_raises_the_hazard_of_forgotten_entries():
+    mem = MemoryStates()
+    mem.add_task(0, 4, step=0)
+    mem.review(0, torch.arange(4), torch.tensor([0.1, 0.1, 2.0, 3.0]), step=0)
+    before = mem.log_strength(0, 30).clone()
+    hazard_before = mem.hazard[0][0].item()
+    mem.rescore(0, torch.tensor([5.0, 0.1, 2.0, 3.0]), step=30)  # entry 0 has been forgotten since
+    assert torch.allclose(mem.log_strength(0, 30), before)  # no jump in m
+    assert mem.hazard[0][0].item() > hazard_before
+    assert torch.equal(mem.t_review[0], torch.zeros(4, dtype=torch.float64))  # not a review
+
+
 def test_expanding_intervals_and_ratios_by_hand():
     # Eq.8 with Δt(1) = 100, η_p = 0.5, ρ_p = 0.05, k from 1: intervals 100, 147.6, 214.3, ...
     d1 = 100.0
@@ -78,7 +90,7 @@ def test_resume_mid_schedule_reproduces_replay_decisions(tmp_path, mode):
     from test_e2e import run, small_config
 
     args = {"replay_mode": mode, "lambda_0": 0.3, "lambda_min": 0.1, "beta_r": 0.01, "first_interval": 14,
-            "eta_p": 0.5, "event_length": 3, "decision_interval": 4}
+            "eta_p": 0.5, "event_length": 3, "decision_interval": 4, "rescore_interval": 5}
     controller = {"class_path": "lightning_cit.callbacks.MSSRReplay", "init_args": args}
     record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec_full")}}
     full = run(small_config(tmp_path, controller, [record]), tmp_path / "full")
