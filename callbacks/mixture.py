@@ -41,6 +41,8 @@ class MixtureSignals:
     """Trained tasks in the sequence."""
     batch_in_task: int
     """First batch (within the task) the decision applies to."""
+    step: int
+    """Global optimizer step of that batch (the run's clock, across tasks)."""
     steps_in_task: int
     """Optimizer steps of the current task."""
     progress: float
@@ -69,6 +71,11 @@ class MixtureController(Callback):
     def entry_weights(self, signals: MixtureSignals) -> dict[int, list[float]] | None:
         """Optional per-entry draw weights inside the buffers (``{task: weights}``); None = uniform."""
         return None
+
+    @staticmethod
+    def global_step_of(trainer: pl.Trainer, batch_in_task: int) -> int:
+        """Global optimizer step of a batch of the current task."""
+        return trainer.datamodule.task_start_step(trainer.current_epoch) + batch_in_task // trainer.accumulate_grad_batches
 
     def is_decision_batch(self, trainer: pl.Trainer, batch_in_task: int) -> bool:
         """Whether a decision applies from this batch on (besides batch 0). Default: every ``decision_interval`` steps."""
@@ -114,6 +121,7 @@ class MixtureController(Callback):
             task_index=task,
             num_tasks=dm.num_tasks,
             batch_in_task=batch,
+            step=self.global_step_of(trainer, batch),
             steps_in_task=dm.steps_for(task),
             progress=batch / batches,
             probe_losses=[loss if j <= task else None for j, loss in enumerate(losses)],

@@ -246,7 +246,6 @@ class MSSRReplay(MixtureController):
         self.memory = MemoryStates(alpha, gamma_d, k, c, beta_ema, (0.05, 0.95), eta_s, beta, rho, gamma_s, s_min, s_max)
         self._positions: dict[int, dict[int, int]] = {}  # task -> sample_id -> buffer position
         self._event_steps: set[int] = set()
-        self.replay_shares: list[tuple[int, float]] = []  # (global step the decision applies from, replay share)
 
     # ------------------------------------------------------------------------------------ scheduling
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -254,10 +253,6 @@ class MSSRReplay(MixtureController):
         if stage == "fit":
             total = sum(trainer.datamodule.steps_for(k) for k in range(trainer.datamodule.num_tasks))
             self._event_steps = set(replay_event_steps(self.first_interval, self.eta_p, self.rho_p, total))
-
-    def _global_step_of(self, trainer: pl.Trainer, batch_in_task: int) -> int:
-        dm = trainer.datamodule
-        return dm.task_start_step(trainer.current_epoch) + batch_in_task // trainer.accumulate_grad_batches
 
     def _in_event(self, step: int) -> bool:
         return any(e <= step < e + self.event_length for e in self._event_steps)
@@ -268,7 +263,7 @@ class MSSRReplay(MixtureController):
         if batch_in_task % trainer.accumulate_grad_batches:
             return False
         # an event switches replay on at its first step and off after its last
-        step = self._global_step_of(trainer, batch_in_task)
+        step = self.global_step_of(trainer, batch_in_task)
         return self._in_event(step) != self._in_event(step - 1)
 
     def ratio_at(self, step: int) -> float:
@@ -292,13 +287,14 @@ class MSSRReplay(MixtureController):
             return torch.zeros_like(self.memory.log_m[task])
         return -self.zeta * self.memory.log_strength(task, step)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync_buffers(trainer)  # buffers of finished tasks exist once the task's loader is built
+        super().on_train_epoch_start(trainer, pl_module)
+
     def decide(self, signals: MixtureSignals) -> list[float]:
-        trainer = self._trainer
-        self._sync_buffers(trainer)
         k = signals.task_index
-        step = self._global_step_of(trainer, signals.batch_in_task)
+        step = signals.step
         ratio = self.ratio_at(step) if k > 0 else 0.0
-        self.replay_shares.append((step, ratio))
         if k == 0 or ratio == 0.0:
             return [1.0 if j == k else 0.0 for j in range(signals.num_tasks)]
         # a buffer's share is the sum of its entries' m^-ζ, so entries are drawn ∝ m^-ζ over the pooled buffers (Eq.10)
@@ -312,16 +308,12 @@ class MSSRReplay(MixtureController):
     def entry_weights(self, signals: MixtureSignals) -> dict[int, list[float]] | None:
         if self.sampler == "uniform" or signals.task_index == 0:
             return None
-        step = self._global_step_of(self._trainer, signals.batch_in_task)
+        step = signals.step
         out = {}
         for j in range(signals.task_index):
             v = self._entry_log_weights(j, step)
             out[j] = torch.exp(v - v.max()).tolist() if v.numel() else []
         return out
-
-    def _decide_for(self, trainer: pl.Trainer, batch: int) -> None:
-        self._trainer = trainer
-        super()._decide_for(trainer, batch)
 
     # ------------------------------------------------------------------------------------ reviews
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -371,7 +363,6 @@ class MSSRReplay(MixtureController):
         return {
             **super().state_dict(),
             "memory": self.memory.state_dict(),
-            "replay_shares": [list(x) for x in self.replay_shares],
             "last_rescore": getattr(self, "_last_rescore", -1),
         }
 
@@ -379,4 +370,3 @@ class MSSRReplay(MixtureController):
         super().load_state_dict(state_dict)
         self.memory.load_state_dict(state_dict["memory"])
         self._last_rescore = int(state_dict.get("last_rescore", -1))
-        self.replay_shares = [(int(a), float(b)) for a, b in state_dict.get("replay_shares", [])]
