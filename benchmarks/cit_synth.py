@@ -47,6 +47,7 @@ SUITES = {
     "mssr": {"config": "configs/mssr.yaml", "name": "mssr", "methods": MSSR, "title": "MSSR on cit-synth: memory-strength replay vs fixed ratio at the same budget"},
 }
 METHODS = {**BASELINES, **MSSR}
+FULL_FT_SETUP = "tiny Llama, full fine-tuning, 300 steps of 32 per task, buffers of 10% of each task"
 
 
 NOTES = {"mssr": """## Reading the table
@@ -93,8 +94,49 @@ NOTES = {"mssr": """## Reading the table
 """}
 
 
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_method(data: dict, spec: dict) -> dict:
+    """The suite config changed into one method's run.
+
+    A method is either a callback (``class_path``/``init_args``) that replaces the config's first
+    callback, the controller (its ``init_args`` are merged in when it is the same class), or a dict with
+    ``controller`` (the same), ``callbacks`` (``{class_path: init_args to merge, or None to drop}``),
+    ``add`` (callbacks inserted right after the controller, so before the evaluator), ``model`` and
+    ``data`` (merged into those sections).
+    """
+    spec = json.loads(json.dumps(spec))
+    if "class_path" in spec:
+        spec = {"controller": spec}
+    callbacks = data["trainer"]["callbacks"]
+    if "controller" in spec:
+        base, controller = callbacks[0], spec["controller"]
+        if controller["class_path"] == base["class_path"]:  # a variant of the config's own controller
+            controller["init_args"] = {**base.get("init_args", {}), **controller.get("init_args", {})}
+        callbacks[0] = controller
+    for class_path, init_args in spec.get("callbacks", {}).items():
+        matches = [c for c in callbacks if c["class_path"] == class_path]
+        if not matches:
+            raise KeyError(f"the suite config has no callback {class_path}")
+        for callback in matches:
+            if init_args is None:
+                callbacks.remove(callback)
+            else:
+                callback["init_args"] = {**callback.get("init_args", {}), **init_args}
+    callbacks[1:1] = spec.get("add", [])
+    for section in ("model", "data"):
+        if section in spec:
+            data[section] = _merge(data.get(section, {}), spec[section])
+    return data
+
+
 def slug(name: str) -> str:
-    return name.lower().replace(" ", "_").replace("%", "pct")
+    return name.lower().replace(" + ", "_plus_").replace(" ", "_").replace("%", "pct")
 
 
 def run_one(method: str, seed: int, runs: Path, threads: int, config: str) -> dict:
@@ -104,13 +146,7 @@ def run_one(method: str, seed: int, runs: Path, threads: int, config: str) -> di
         return json.loads(done[0].read_text())
     import yaml
 
-    # a copy of the config whose first callback (the controller) is this method's
-    data = yaml.safe_load(Path(config).read_text())
-    base = data["trainer"]["callbacks"][0]
-    controller = json.loads(json.dumps(METHODS[method]))
-    if controller["class_path"] == base["class_path"]:  # a variant of the config's own controller
-        controller["init_args"] = {**base.get("init_args", {}), **controller.get("init_args", {})}
-    data["trainer"]["callbacks"][0] = controller
+    data = apply_method(yaml.safe_load(Path(config).read_text()), METHODS[method])
     root.mkdir(parents=True, exist_ok=True)
     sweep_config = root / "sweep_config.yaml"
     sweep_config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -173,8 +209,7 @@ def main() -> None:
     lines = [
         f"# {suite['title']}",
         "",
-        f"Sequence {' -> '.join(tasks)} (tiny Llama, full fine-tuning, 300 steps of 32 per task, buffers of 10% of each task;"
-        f" config `{suite['config']}`).",
+        f"Sequence {' -> '.join(tasks)} ({suite.get('setup', FULL_FT_SETUP)}; config `{suite['config']}`).",
         f"Mean ± standard error over seeds {', '.join(map(str, args.seeds))}. Scores in 0..100; `bwt_gem` divides by T-1, "
         "`bwt_trace` by T (see README, Metrics).",
         "",
