@@ -11,7 +11,8 @@ average runs only in tasks that reuse an adapter, the CoIN recipe (a fresh adapt
 
 At evaluation, :meth:`route` picks the adapter for a batch of prompts by the same rule: the most
 similar group at or above the threshold, otherwise the most recent group (the official code's test-time
-rule). :class:`~lightning_cit.module.ContinualLM` calls it from ``evaluate_samples``, so every task of
+rule; ``unmatched: base`` answers them with the adapters disabled instead, i.e. the base model).
+:class:`~lightning_cit.module.ContinualLM` calls it from ``evaluate_samples``, so every task of
 every score-matrix row is answered by the adapter the rule picks; the groups and every decision are
 recorded in ``scores.json`` under ``methods.InstructionGrouping``.
 
@@ -51,6 +52,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_cit.errors import ConfigError
 
 SIMILARITIES = ("tfidf", "minilm")
+UNMATCHED = ("latest", "base")
+BASE = "__base__"
+"""What :meth:`InstructionGrouping.route` returns for "answer with the adapters disabled"."""
 
 
 def instruction_of(sample: dict, pattern: re.Pattern | None = None) -> str:
@@ -123,6 +127,8 @@ class InstructionGrouping(Callback):
         similarity: ``tfidf`` (pairwise TF-IDF cosine, the official rule) or ``minilm`` (sentence embeddings).
         instruction_pattern: regular expression that extracts the instruction from a prompt; null = last line.
         max_instructions: unique instructions per task and per group compared (a seeded subset beyond it).
+        unmatched: who answers prompts that match no group at evaluation: ``latest`` (the most recent group's
+            adapter, the official rule) or ``base`` (the model with its adapters disabled).
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class InstructionGrouping(Callback):
         similarity: str = "tfidf",
         instruction_pattern: str | None = None,
         max_instructions: int = 32,
+        unmatched: str = "latest",
     ) -> None:
         if similarity not in SIMILARITIES:
             raise ConfigError(f"InstructionGrouping.similarity={similarity!r} is unknown; valid: {', '.join(SIMILARITIES)}")
@@ -140,6 +147,9 @@ class InstructionGrouping(Callback):
             self.pattern = re.compile(instruction_pattern) if instruction_pattern else None
         except re.error as err:
             raise ConfigError(f"InstructionGrouping.instruction_pattern={instruction_pattern!r} is not a valid regular expression: {err}") from None
+        if unmatched not in UNMATCHED:
+            raise ConfigError(f"InstructionGrouping.unmatched={unmatched!r} is unknown; valid: {', '.join(UNMATCHED)}")
+        self.unmatched = unmatched
         if max_instructions < 1:
             raise ConfigError(f"InstructionGrouping.max_instructions={max_instructions} must be >= 1")
         self.threshold = threshold
@@ -183,14 +193,17 @@ class InstructionGrouping(Callback):
         return task_index < len(names) and bool(self.decisions[names[task_index]]["reused"])
 
     def route(self, samples: list[dict]) -> str | None:
-        """The adapter that answers these prompts: best group at or above the threshold, else the latest."""
+        """The adapter that answers these prompts: best group at or above the threshold, else ``unmatched``'s choice."""
         if not self.groups:
             return None
         instructions = self.instructions(samples)
         key = (tuple(instructions), len(self.groups), sum(len(g["instructions"]) for g in self.groups))
         if key not in self._route_cache:
             best, _ = self._best(instructions)
-            self._route_cache[key] = self.groups[best if best is not None else -1]["adapter"]
+            if best is None and self.unmatched == "base":
+                self._route_cache[key] = BASE
+            else:
+                self._route_cache[key] = self.groups[best if best is not None else -1]["adapter"]
         return self._route_cache[key]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

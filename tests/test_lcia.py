@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import REPO
 from lightning_cit.callbacks import AdapterEMA, DynamicEMA, InstructionGrouping
-from lightning_cit.callbacks.grouping import instruction_of, tfidf_pair_cosine
+from lightning_cit.callbacks.grouping import BASE, instruction_of, tfidf_pair_cosine
 from lightning_cit.cli import main
 
 
@@ -193,6 +193,8 @@ def test_bad_settings_are_clear_errors():
         DynamicEMA(rule="taylor")
     with pytest.raises(ConfigError, match="valid: tfidf, minilm"):
         InstructionGrouping(similarity="bm25")
+    with pytest.raises(ConfigError, match="valid: latest, base"):
+        InstructionGrouping(unmatched="nobody")
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         InstructionGrouping(instruction_pattern="([")
 
@@ -231,6 +233,10 @@ def test_grouping_reuses_similar_instructions_and_opens_groups_for_new_ones():
     assert grouping.route(_samples("Translate the sentence into German.")) == grouping.groups[0]["adapter"]
     assert grouping.route(_samples("Summarize the news article.")) == grouping.groups[1]["adapter"]
     assert grouping.route(_samples("Help me fix the bike.")) == grouping.groups[-1]["adapter"]
+    to_base = InstructionGrouping(threshold=0.5, unmatched="base")
+    to_base.apply("fr", *to_base.propose(french))
+    assert to_base.route(_samples("Help me fix the bike.")) == BASE
+    assert to_base.route(german) == to_base.groups[0]["adapter"]
     # at the official 0.9 threshold the two translation tasks are different groups
     strict = InstructionGrouping(threshold=0.9)
     for name, samples in (("fr", french), ("de", german)):
@@ -256,7 +262,7 @@ def test_evaluation_is_answered_by_the_routed_adapter(tmp_path):
     module.model.add_adapter("group_1", module.model.peft_config["default"])
     with torch.no_grad():
         for name, param in module.model.named_parameters():
-            if "lora_B.group_1" in name:
+            if "lora_B" in name:  # both adapters differ from the base
                 param.normal_(0, 0.5)
     samples = [{"messages": [{"role": "user", "content": "Encode with key A: abcdef"}], "response": "ghijab"}]
 
@@ -275,6 +281,12 @@ def test_evaluation_is_answered_by_the_routed_adapter(tmp_path):
     module.model.set_adapter("group_1")
     direct = module._evaluate_samples(samples, "edit_similarity", 4)["losses"]
     assert routed == direct and routed != default
+    module.model.set_adapter("default")
+    module.adapter_router = To(BASE)
+    base = module.evaluate_samples(samples, "edit_similarity", 4)["losses"]
+    with module.model.disable_adapter():
+        assert base == module._evaluate_samples(samples, "edit_similarity", 4)["losses"]
+    assert base not in (default, routed) and module.model.active_adapter == "default"
 
 
 # ------------------------------------------------------------------------------------ through the CLI
