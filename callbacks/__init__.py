@@ -1,9 +1,15 @@
 """Lightning callbacks of lightning-cit: mixture controllers and the forgetting evaluator."""
 
+from lightning_cit.callbacks.checkpoint import TaskCheckpoint
+from lightning_cit.callbacks.ema import AdapterEMA, DynamicEMA
 from lightning_cit.callbacks.forgetting import ForgettingEvaluator
+from lightning_cit.callbacks.grouping import InstructionGrouping
 from lightning_cit.callbacks.mixture import FixedRatio, MixtureController, MixtureSignals, NoReplay, Proportional
+from lightning_cit.callbacks.mixture import SizeProportional
 from lightning_cit.callbacks.mssr import MSSRReplay
+from lightning_cit.callbacks.jfa import JointFlashbackAdaptation
+from lightning_cit.callbacks.opr import OnPolicyReplay
 
-CONTROLLERS = ("NoReplay", "FixedRatio", "Proportional", "MSSRReplay")
+CONTROLLERS = ("NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "SizeProportional")
 
-__all__ = ["ForgettingEvaluator", "MixtureController", "MixtureSignals", "NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "CONTROLLERS"]
+__all__ = ["TaskCheckpoint", "AdapterEMA", "DynamicEMA", "InstructionGrouping", "ForgettingEvaluator", "MixtureController", "MixtureSignals", "NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "CONTROLLERS", "SizeProportional", "OnPolicyReplay", "JointFlashbackAdaptation"]

@@ -18,6 +18,9 @@ disjoint share of the samples and the sums are all-reduced; rank 0 writes the fi
 
 Checkpoint layout (``state_dict``): ``rows`` (row names), ``matrix``/``loss_matrix`` (one list per
 row), ``eval_only`` (probe-only tasks), ``safety`` counts per row and ``probe`` (latest probe losses).
+
+Other callbacks add to ``scores.json`` by defining ``scores_section() -> dict``: it is written under
+``methods.<CallbackClassName>`` with every row.
 """
 
 from __future__ import annotations
@@ -212,6 +215,9 @@ class ForgettingEvaluator(Callback):
             sub = [row[:done] for row in self.matrix[: done + 1]]
             scores["summary"] = summarize(sub)
             scores["summary_over_tasks"] = done
+        sections = {type(c).__name__: c.scores_section() for c in trainer.callbacks if hasattr(c, "scores_section")}
+        if sections:  # what other callbacks record about the run (e.g. instruction groups)
+            scores["methods"] = sections
         if self.eval_only:
             scores["eval_only"] = {k: dict(v) for k, v in self.eval_only.items()}
         if self.safety_rows:

@@ -18,6 +18,7 @@ Controllers shipped here (the paper baselines; ProxyMix and MSSR build on the sa
 - :class:`NoReplay`: only the current task.
 - :class:`FixedRatio`: ``ratio`` of every batch spread uniformly over the earlier tasks.
 - :class:`Proportional`: every accessible source weighted by its latest probe loss.
+- :class:`SizeProportional`: every accessible source weighted by its size (concatenate and shuffle).
 """
 
 from __future__ import annotations
@@ -197,4 +198,22 @@ class Proportional(MixtureController):
         known = [loss for loss in seen if loss is not None and loss > 0]
         fill = sum(known) / len(known) if known else 1.0
         weights = [(loss if loss is not None and loss > 0 else fill) for loss in seen]
+        return weights + [0.0] * (signals.num_tasks - k - 1)
+
+
+class SizeProportional(MixtureController):
+    """Each accessible source weighted by its number of entries: replay buffers and the current task's data.
+
+    This is "concatenate the buffers with the new task's data and shuffle" (OPR's and most replay
+    codebases' mixing, methods.md §5f.6) expressed as mixture weights: a sample is equally likely to
+    be any entry of the union. The replay share is ``Σ|buffer_j| / (Σ|buffer_j| + |task_k|)``, decided
+    once per task, from the sizes the buffers have when the task starts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(decision_interval=None)
+
+    def decide(self, signals: MixtureSignals) -> list[float]:
+        k = signals.task_index
+        weights = [float(size) for size in signals.source_sizes[: k + 1]]
         return weights + [0.0] * (signals.num_tasks - k - 1)

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_cit.errors import ConfigError
@@ -65,6 +66,11 @@ class CITCLI(LightningCLI):
             # a fixed directory, so that `--ckpt_path last` finds last.ckpt from a later invocation of the same run
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            if type(callback) is ModelCheckpoint and getattr(callback, "_every_n_train_steps", 0):
+                rank_zero_warn(
+                    "a ModelCheckpoint with every_n_train_steps can save on a task's last step; resuming from such a checkpoint "
+                    "skips that task's end (score row, buffers). Use lightning_cit.callbacks.TaskCheckpoint instead."
+                )
         return trainer
 
     def before_fit(self) -> None:

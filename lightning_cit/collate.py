@@ -45,7 +45,8 @@ class Collator:
     """Turns a list of samples into a right-padded training batch with masked prompt tokens.
 
     Every batch carries ``sample_ids``, ``task_ids`` and ``source_ids`` (the task whose buffer or
-    data the sample was drawn from; ``is_replay`` tells replay from current-task samples).
+    data the sample was drawn from; ``is_replay`` tells replay from current-task samples;
+    ``prompt_only`` marks stored samples whose response is not a target).
     """
 
     def __init__(self, tokenizer: Any, max_length: int, task_names: list[str]) -> None:
@@ -93,6 +94,9 @@ class Collator:
             "task_ids": torch.tensor([int(s.get("task_id", -1)) for s in samples]),
             "source_ids": torch.tensor([int(s.get("source_id", -1)) for s in samples]),
             "is_replay": torch.tensor([bool(s.get("is_replay", False)) for s in samples]),
+            # a stored sample whose response is not a training target (e.g. a JFA flashback: its
+            # response is only the span a divergence is computed on); ContinualLM leaves it out of the NLL
+            "prompt_only": torch.tensor([bool(s.get("prompt_only", False)) for s in samples]),
         }
 
 

@@ -84,6 +84,24 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts
 
 
+class LossComponent:
+    """A method's contribution to :meth:`ContinualLM.training_step`, registered with ``add_loss_component``.
+
+    The step's loss starts as ``{"nll": task NLL}`` (prompt-only samples excluded). Each component's
+    :meth:`loss_terms` returns named, already weighted terms that are added to it (each is logged as
+    ``train/<name>``; the policy logits of the batch are passed in, so a term costs no second
+    forward). Then :meth:`backward_loss` may replace the summed loss by the tensor to back-propagate,
+    e.g. a gradient-surgery surrogate whose gradient is a projected combination of the terms'
+    gradients. Components run in registration order; the defaults add nothing and keep the sum.
+    """
+
+    def loss_terms(self, module: ContinualLM, batch: dict[str, Any], logits: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def backward_loss(self, module: ContinualLM, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+
 class ContinualLM(pl.LightningModule):
     """A causal LM tuned on a sequence of instruction tasks.
 
@@ -145,6 +163,10 @@ class ContinualLM(pl.LightningModule):
         self.base_cache_dir = base_cache_dir
         self.model: torch.nn.Module | None = None
         self.tokenizer = self._load_tokenizer(tokenizer)
+        # picks the PEFT adapter that answers a batch of evaluation prompts (set by InstructionGrouping)
+        self.adapter_router: Any = None
+        # extra loss terms registered by method callbacks (add_loss_component), not hyperparameters
+        self.loss_components: list[LossComponent] = []
 
     # ----------------------------------------------------------------------------------- building
     def _checkpoint_dir(self) -> str | None:
@@ -202,11 +224,27 @@ class ContinualLM(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def add_loss_component(self, component: LossComponent) -> None:
+        """Register a :class:`LossComponent` (once); components run in registration order."""
+        if all(c is not component for c in self.loss_components):
+            self.loss_components.append(component)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])
         losses, counts = per_sample_loss(logits, batch["labels"])
-        # token-weighted mean over the batch, the usual SFT objective
-        loss = (losses * counts).sum() / counts.sum().clamp(min=1)
+        # token-weighted mean over the batch, the usual SFT objective; prompt-only samples (stored
+        # prompts whose response is no target, e.g. JFA's flashbacks) are left out of it
+        nll_counts = counts * ~batch["prompt_only"] if "prompt_only" in batch else counts
+        loss = (losses * nll_counts).sum() / nll_counts.sum().clamp(min=1)
+        if self.loss_components:
+            terms = {"nll": loss}
+            for component in self.loss_components:
+                terms.update(component.loss_terms(self, batch, logits, dict(terms)))
+            loss = sum(terms.values())
+            for name, term in terms.items():
+                self.log(f"train/{name}", term.detach(), batch_size=len(losses))
+            for component in self.loss_components:
+                loss = component.backward_loss(self, terms, loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
         return {
             "loss": loss,
@@ -260,12 +298,16 @@ class ContinualLM(pl.LightningModule):
             "python": random.getstate(),
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         }
+        if self.adapter_router is not None:  # also needed by validate/test, where callback states are not restored
+            checkpoint["adapter_router"] = self.adapter_router.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         import random
 
         import numpy as np
 
+        if self.adapter_router is not None and "adapter_router" in checkpoint:
+            self.adapter_router.load_state_dict(checkpoint["adapter_router"])
         states = checkpoint.get("rng_states")
         if not states:
             return
@@ -320,9 +362,14 @@ class ContinualLM(pl.LightningModule):
         return out
 
     @torch.no_grad()
-    def generate_answers(self, samples: list[dict], max_new_tokens: int) -> list[str]:
-        """Greedy answers to each sample's prompt, batched with left padding (KV cache on)."""
+    def generate_answers(self, samples: list[dict], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
+        """Answers to each sample's prompt, batched with left padding (KV cache on).
+
+        ``temperature`` 0 is greedy decoding; above 0 samples from the temperature-scaled softmax
+        (no top-k / top-p truncation, like vLLM's defaults) with torch's global generator.
+        """
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        sampling = {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         answers: list[str] = []
         for i in range(0, len(samples), self.eval_batch_size):
             chunk = samples[i : i + self.eval_batch_size]
@@ -331,9 +378,9 @@ class ContinualLM(pl.LightningModule):
                 input_ids=batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=self.tokenizer.eos_token_id,
+                **sampling,
             )
             answers.extend(self.tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True))
         return answers
@@ -361,8 +408,23 @@ class ContinualLM(pl.LightningModule):
         """Per-sample ``scores`` (0..100), teacher-forced ``losses`` and ``predictions`` for one task.
 
         This is the method :class:`~lightning_cit.callbacks.ForgettingEvaluator` calls; a module of
-        another project implements the same signature to be evaluated.
+        another project implements the same signature to be evaluated. With an ``adapter_router``
+        (instruction grouping) the prompts are answered by the adapter it picks for them.
         """
+        adapter = self.adapter_router.route(samples) if self.adapter_router is not None else None
+        active = getattr(self.model, "active_adapter", None)
+        if adapter is None or adapter == active:
+            return self._evaluate_samples(samples, metric, max_new_tokens)
+        if adapter == "__base__":  # the router's "no group fits": the base model answers
+            with self.model.disable_adapter():
+                return self._evaluate_samples(samples, metric, max_new_tokens)
+        self.model.set_adapter(adapter)
+        try:
+            return self._evaluate_samples(samples, metric, max_new_tokens)
+        finally:
+            self.model.set_adapter(active)
+
+    def _evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int) -> dict[str, list]:
         losses = self.sample_losses(samples)
         if metric == MC_ACCURACY:
             chosen = self.choose_options(samples)
@@ -386,4 +448,4 @@ def _check_lora_fields(lora: dict[str, Any]) -> None:
         raise ConfigError(f"model.lora has unknown field(s) {unknown}; valid peft LoraConfig fields include: " + ", ".join(sorted(valid)))
 
 
-__all__ = ["ContinualLM", "TinyLlama", "build_tiny_llama", "per_sample_loss"]
+__all__ = ["ContinualLM", "LossComponent", "TinyLlama", "build_tiny_llama", "per_sample_loss"]

@@ -39,3 +39,40 @@ class FailAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             raise RuntimeError(f"injected failure at step {self.step}")
+
+
+class RecordEMA(Callback):
+    """Writes, per rank, DynamicEMA's per-tensor weights at every step, whether it averaged each task, and a checksum."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.weights: list[list[float]] = []
+        self.active: list[bool] = []
+
+    def _ema(self, trainer):
+        return next(c for c in trainer.callbacks if hasattr(c, "ema") and hasattr(c, "should_update"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ema = self._ema(trainer)
+        if batch_idx == 0:
+            self.active.append(ema.active)
+        if ema.active and getattr(ema, "last_weights", None) is not None:
+            self.weights.append(ema.last_weights.tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        os.makedirs(self.out_dir, exist_ok=True)
+        ema = self._ema(trainer)
+        checksum = {name: float(t.double().sum()) for name, t in sorted(ema.ema.items())}
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump({"weights": self.weights, "active": self.active, "checksum": checksum}, handle)
+
+
+class FailAtTaskEnd(Callback):
+    """Raises in ``on_train_epoch_end`` of a given task, after the callbacks listed before it ran (a crash during task-end work)."""
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.task:
+            raise RuntimeError(f"injected failure at the end of task {self.task}")

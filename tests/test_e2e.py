@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
@@ -160,3 +161,25 @@ def test_ddp_two_processes_on_cpu(tmp_path, controller):
         current_b = {s for s in b[2:]}
         # current-task samples are drawn without replacement within a pass: disjoint across ranks
         assert not (current_a & current_b) or a[0] > 0
+
+
+def test_a_crash_during_the_task_end_resumes_from_the_step_before_and_replays_the_task_end(tmp_path):
+    # every_n_train_steps divides the task length: a plain ModelCheckpoint would save on the task's last
+    # step, and Lightning would then resume past the task end and lose its score row
+    fail = {"class_path": "helpers_callbacks.FailAtTaskEnd", "init_args": {"task": 0}}
+    crashing = small_config(tmp_path, extra_callbacks=[fail], every_n_train_steps=STEPS // 2)
+    with pytest.raises(RuntimeError, match="injected failure at the end of task 0"):
+        main(["fit", "--config", str(crashing), "--trainer.default_root_dir", str(tmp_path / "run")])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == STEPS // 2  # not the task's last step
+    (tmp_path / "resume").mkdir()
+    config = small_config(tmp_path / "resume", every_n_train_steps=STEPS // 2)
+    assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", "last"]) == 0
+    resumed = json.loads((tmp_path / "run" / "lightning_logs" / "version_1" / "scores.json").read_text())
+    reference = run(config, tmp_path / "reference")
+    assert resumed["rows"] == reference["rows"] == ["base", "safety", "cipher_a", "compare"]
+    assert resumed["matrix"] == reference["matrix"]
+    # and the task-end checkpoint of the reference run resumes into the next task with the same result
+    at_end = next((tmp_path / "reference").rglob(f"epoch=0-step={STEPS}.ckpt"))
+    again = run(config, tmp_path / "from_task_end", "--ckpt_path", str(at_end))
+    assert again["matrix"] == reference["matrix"]

@@ -302,7 +302,7 @@ def lcia_config(tmp_path: Path, extra_callbacks=(), when="reused_group") -> Path
             callback["init_args"].update(scale=1e-4, when=when)  # small tensors: a scale that leaves (0, 1) sometimes
         if callback["class_path"].endswith("ForgettingEvaluator"):
             callback["init_args"]["probe_every_n_steps"] = 4
-        if callback["class_path"].endswith("ModelCheckpoint"):
+        if callback["class_path"].endswith("TaskCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = 4
     callbacks.extend(extra_callbacks)
     config["model"]["model"] = "tiny"
