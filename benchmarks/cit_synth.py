@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_cit.metrics import SUMMARY_KEYS  # noqa: E402
-from lightning_cit.results import atomic_write_json, atomic_write_text  # noqa: E402
+from lightning_cit.metrics import SUMMARY_KEYS
+from lightning_cit.results import atomic_write_json, atomic_write_text
 
 MSSR_BUDGET = 0.0273  # mean λ(t) of configs/mssr.yaml over tasks 2-5 (steps 300..1499), rounded
 
@@ -298,7 +298,7 @@ def run_one(method: str, seed: int, runs: Path, threads: int, config: str, metho
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     log = root.with_suffix(".log")
     with open(log, "w") as handle:
-        proc = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, check=False, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise RuntimeError(f"{method} seed {seed} failed; see {log}")
     return json.loads(next(root.rglob("scores.json")).read_text())
@@ -351,8 +351,8 @@ def main() -> None:
         f"# {suite['title']}",
         "",
         f"Sequence {' -> '.join(tasks)} ({suite.get('setup', FULL_FT_SETUP)}; config `{suite['config']}`).",
-        f"Mean ± standard error over seeds {', '.join(map(str, args.seeds))}. Scores in 0..100; `bwt_gem` divides by T-1, "
-        "`bwt_trace` by T (see README, Metrics).",
+        (f"Mean ± standard error over seeds {', '.join(map(str, args.seeds))}. Scores in 0..100; `bwt_gem` divides by T-1, "
+         "`bwt_trace` by T (see README, Metrics)."),
         "",
         f"Reproduce: `{command}`",
         "",

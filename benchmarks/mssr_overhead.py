@@ -32,6 +32,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from lightning_cit.callbacks.mssr import MemoryStates
+
     from lightning_cit.collate import Collator
     from lightning_cit.module import ContinualLM, per_sample_loss
     from lightning_cit.tasks import TaskSpec, load_task

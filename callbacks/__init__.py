@@ -4,12 +4,18 @@ from lightning_cit.callbacks.checkpoint import TaskCheckpoint
 from lightning_cit.callbacks.ema import AdapterEMA, DynamicEMA
 from lightning_cit.callbacks.forgetting import ForgettingEvaluator
 from lightning_cit.callbacks.grouping import InstructionGrouping
-from lightning_cit.callbacks.mixture import FixedRatio, MixtureController, MixtureSignals, NoReplay, Proportional
-from lightning_cit.callbacks.mixture import SizeProportional
-from lightning_cit.callbacks.mssr import MSSRReplay
 from lightning_cit.callbacks.jfa import JointFlashbackAdaptation
+from lightning_cit.callbacks.mixture import (
+    FixedRatio,
+    MixtureController,
+    MixtureSignals,
+    NoReplay,
+    Proportional,
+    SizeProportional,
+)
+from lightning_cit.callbacks.mssr import MSSRReplay
 from lightning_cit.callbacks.opr import OnPolicyReplay
 
 CONTROLLERS = ("NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "SizeProportional")
 
-__all__ = ["TaskCheckpoint", "AdapterEMA", "DynamicEMA", "InstructionGrouping", "ForgettingEvaluator", "MixtureController", "MixtureSignals", "NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "CONTROLLERS", "SizeProportional", "OnPolicyReplay", "JointFlashbackAdaptation"]
+__all__ = ["CONTROLLERS", "AdapterEMA", "DynamicEMA", "FixedRatio", "ForgettingEvaluator", "InstructionGrouping", "JointFlashbackAdaptation", "MSSRReplay", "MixtureController", "MixtureSignals", "NoReplay", "OnPolicyReplay", "Proportional", "SizeProportional", "TaskCheckpoint"]

@@ -25,8 +25,6 @@ Other callbacks add to ``scores.json`` by defining ``scores_section() -> dict``:
 
 from __future__ import annotations
 
-from lightning_cit.errors import ConfigError
-
 import math
 import os
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import summarize
 from lightning_cit.results import atomic_write_json, atomic_write_text, format_table, scores_csv, write_heatmap
 

@@ -71,7 +71,8 @@ import importlib
 import importlib.util
 import random
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -177,7 +178,7 @@ class LatentTaskPool(torch.nn.Module):
 
     def retrieve(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k key indices ``(b, k)`` and interpolation weights ``(b, k)`` (rows sum to 1) per sample."""
-        chunks, pool, width = self.keys.shape
+        chunks, _pool, width = self.keys.shape
         queries = F.normalize(embeddings.to(self.keys).view(len(embeddings), chunks, width), dim=-1)
         similarity = torch.einsum("bgd,gcd->bc", queries, F.normalize(self.keys, dim=-1)) / chunks
         top, index = similarity.topk(self.top_k, dim=-1)
@@ -458,11 +459,11 @@ def _hidden_size(pl_module: Any) -> int:
         return int(pl_module.model.config.hidden_size)
     if pl_module.model_name in ("tiny", "aligned-base"):
         return int(pl_module.tiny.hidden_size)
-    from transformers import AutoConfig
-
     import os
+
+    from transformers import AutoConfig
 
     return int(AutoConfig.from_pretrained(os.path.expanduser(pl_module.model_name), local_files_only=True).hidden_size)
 
 
-__all__ = ["JointFlashbackAdaptation", "LatentTaskPool", "divergence", "pcgrad", "ngram_embeddings", "DIVERGENCES", "REFERENCES"]
+__all__ = ["DIVERGENCES", "REFERENCES", "JointFlashbackAdaptation", "LatentTaskPool", "divergence", "ngram_embeddings", "pcgrad"]

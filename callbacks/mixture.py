@@ -23,13 +23,13 @@ Controllers shipped here (the paper baselines; ProxyMix and MSSR build on the sa
 
 from __future__ import annotations
 
-from lightning_cit.errors import ConfigError
-
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+
+from lightning_cit.errors import ConfigError
 
 
 @dataclass

@@ -54,8 +54,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-
 from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals
+
 from lightning_cit.errors import ConfigError
 
 REPLAY_MODES = ("every_batch", "event")
@@ -66,7 +66,7 @@ def replay_event_steps(first_interval: float, eta_p: float, rho_p: float, until:
     """Eq.8 event steps ``t_1 = Δt(1)``, ``t_{k+1} = t_k + Δt(k+1)``, rounded, up to ``until``."""
     steps, interval, t, k = [], float(first_interval), float(first_interval), 1
     while t <= until:
-        steps.append(int(round(t)))
+        steps.append(round(t))
         interval *= 1.0 + eta_p * math.exp(-rho_p * k)
         t += interval
         k += 1

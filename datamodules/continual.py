@@ -17,8 +17,7 @@ ends (lazily, at the latest when the next task's dataloader is built) by the sel
 
 from __future__ import annotations
 
-from lightning_cit.errors import ConfigError
-
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -27,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_cit.collate import Collator
+from lightning_cit.errors import ConfigError
 from lightning_cit.replay import SELECTION_POLICIES, ReplayBuffer, check_capacity, resolve_capacity, select
 from lightning_cit.sampler import MixtureSampler
 from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, load_task, validate_specs
@@ -166,7 +166,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             )
         if trainer.reload_dataloaders_every_n_epochs != 1:
             raise ConfigError("set trainer.reload_dataloaders_every_n_epochs=1: each epoch (task) builds its own dataloader")
-        self.micro_batch_size  # raises when the global batch does not divide
+        _ = self.micro_batch_size  # raises when the global batch does not divide
 
     @property
     def micro_batch_size(self) -> int:
@@ -245,7 +245,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         weights = [float(w) for w in weights]
         if len(weights) != self.num_tasks:
             raise ConfigError(f"mixture has {len(weights)} weights for {self.num_tasks} tasks")
-        if any(w < 0 or w != w for w in weights):
+        if any(not math.isfinite(w) or w < 0 for w in weights):
             raise ConfigError(f"mixture weights must be finite and >= 0, got {weights}")
         if any(w > 0 for w in weights[task_index + 1 :]):
             raise ConfigError(f"mixture {weights} puts weight on future tasks (current task index {task_index})")

@@ -9,11 +9,11 @@ after task ``i`` (1-based in the formulas, 0-based in the code).
 
 from __future__ import annotations
 
-from lightning_cit.errors import ConfigError
-
 from collections.abc import Callable, Sequence
 
 from torchmetrics.functional.text import edit_distance, rouge_score
+
+from lightning_cit.errors import ConfigError
 
 # ------------------------------------------------------------------------------------------------
 # per-sample task metrics, each returning a score in 0..100

@@ -20,8 +20,6 @@ Training steps return per-sample losses (``outputs["per_sample_loss"]`` with the
 
 from __future__ import annotations
 
-from lightning_cit.errors import ConfigError
-
 import math
 import os
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_cit.collate import IGNORE_INDEX, Collator, left_padded_prompts
+from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 
 LR_SCHEDULES = ("cosine", "linear", "constant")

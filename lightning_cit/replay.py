@@ -8,10 +8,10 @@ sampler does); :meth:`ReplayBuffer.sampling_weights` is the hook for per-sample 
 
 from __future__ import annotations
 
-from lightning_cit.errors import ConfigError
-
 import random
 from typing import Any
+
+from lightning_cit.errors import ConfigError
 
 SELECTION_POLICIES = ("random", "reservoir", "first")
 

@@ -224,7 +224,7 @@ def _read_with_datasets(spec: TaskSpec, path: Path, builder: str) -> list[tuple[
 
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # datasets raises many types for unreadable files
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
         raise TaskDataError(f"task {spec.name!r}: cannot read {path} as {builder}: {err}") from None
     # csv rows are numbered from 2: line 1 is the header
     first = 2 if builder == "csv" else 0
@@ -236,7 +236,7 @@ def _read_datasets_dir(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
 
     try:
         loaded = datasets.load_from_disk(str(path))
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - as above, for load_from_disk
         raise TaskDataError(f"task {spec.name!r}: {path} is not a directory saved by datasets.save_to_disk: {err}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:

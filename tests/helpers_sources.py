@@ -26,4 +26,4 @@ def strings(split: str, n: int, seed: int) -> list[str]:
 
 def nothing(split: str, n: int, seed: int) -> None:
     """Returns nothing: the loader must say so."""
-    return None
+    return

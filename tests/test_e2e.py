@@ -1,6 +1,7 @@
 """End-to-end runs through the lightning-cit CLI on a short cit-synth sequence."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
+
 from lightning_cit.cli import main
 from lightning_cit.metrics import SUMMARY_KEYS
 
@@ -145,7 +146,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, controller):
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config),
            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((tmp_path / "run").rglob("scores.json"))) == 1
     r0 = json.loads((tmp_path / "rec" / "rank0.json").read_text())
@@ -153,7 +154,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, controller):
     assert r0["schedule"] == r1["schedule"]  # mixture weights agree across ranks
     assert r0["memory"] == r1["memory"]  # MSSR memory states too (empty for other controllers)
     if "MSSR" in controller["class_path"]:
-        assert any(v == v for per_task in r0["memory"]["ema"].values() for v in per_task)  # reviews happened
+        assert any(not math.isnan(v) for per_task in r0["memory"]["ema"].values() for v in per_task)  # reviews happened
     assert len(r0["seen"]) == len(r1["seen"]) == 3 * STEPS
     for a, b in zip(r0["seen"], r1["seen"]):
         assert len(a) - 2 == len(b) - 2 == 4  # global batch 8 over 2 ranks

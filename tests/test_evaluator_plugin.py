@@ -5,9 +5,9 @@ from collections import OrderedDict
 
 import lightning.pytorch as pl
 import torch
+from lightning_cit.callbacks import ForgettingEvaluator
 from torch.utils.data import DataLoader
 
-from lightning_cit.callbacks import ForgettingEvaluator
 from lightning_cit.tasks import TaskSpec, load_task
 
 

@@ -1,6 +1,7 @@
 """LCIA: AdapterEMA / DynamicEMA arithmetic, swap, resume, DDP agreement; instruction grouping."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,11 +11,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback
-
 from conftest import REPO
+from lightning.pytorch.callbacks import Callback
 from lightning_cit.callbacks import AdapterEMA, DynamicEMA, InstructionGrouping
 from lightning_cit.callbacks.grouping import BASE, instruction_of, tfidf_pair_cosine
+
 from lightning_cit.cli import main
 
 
@@ -124,7 +125,7 @@ def test_dynamic_ema_matches_the_hand_computed_rule(rule):
             d = l1(p - prev_p)
             hessian = c / d if d > 0 else 0.0
             value = 1 - scale * (1 + b) / (a * hessian) if a * hessian > 0 else float("nan")
-        if value == value and 0 < value < 1:
+        if not math.isnan(value) and 0 < value < 1:
             used["formula"] += 1
             return value
         used["fallback"] += 1
@@ -177,6 +178,7 @@ def test_swap_for_validation_shows_the_average_and_restores_the_live_weights_bit
 
 def test_ema_must_come_before_the_evaluator():
     from lightning_cit.callbacks import ForgettingEvaluator
+
     from lightning_cit.errors import ConfigError
 
     trainer = pl.Trainer(callbacks=[ForgettingEvaluator(), AdapterEMA()], logger=False, enable_checkpointing=False)
@@ -249,7 +251,7 @@ def test_instruction_extraction():
     assert instruction_of(sample) == "Encode with key A: abcdef"  # the last line of the first user turn
     import re
 
-    assert instruction_of(sample, re.compile("^[^:?]*$", re.M)) == "Some context line"
+    assert instruction_of(sample, re.compile("^[^:?]*$", re.MULTILINE)) == "Some context line"
     assert instruction_of(_samples("Encode with key A: abcdef")[0], re.compile("^[^:?]*")) == "Encode with key A"
 
 
@@ -354,7 +356,7 @@ def test_dynamic_weights_agree_on_two_ddp_ranks(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config),
            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "rec" / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rec" / "rank1.json").read_text())

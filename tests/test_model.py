@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from test_e2e import small_config
 
 from lightning_cit.base import ensure_aligned_base
 from lightning_cit.cli import main
 from lightning_cit.errors import ConfigError
 from lightning_cit.module import ContinualLM, TinyLlama, build_tiny_llama
 from lightning_cit.synth import build_char_tokenizer
-from test_e2e import small_config
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from lightning_cit.callbacks.mssr import MemoryStates, MSSRReplay, replay_event_steps, replay_ratio
+
 from lightning_cit.errors import ConfigError
 from lightning_cit.sampler import MixtureSampler
 

@@ -7,11 +7,11 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # conftest.py sets it too; kept here so the module also runs alone
 
+import helpers_sources
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import helpers_sources
 from lightning_cit.errors import ConfigError
 from lightning_cit.synth import GENERATORS
 from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, load_task, validate_specs
