@@ -1,5 +1,6 @@
 """Lightning callbacks of lightning-cit: mixture controllers and the forgetting evaluator."""
 
+from lightning_cit.callbacks.adapter_checkpoint import AdapterOnlyCheckpoint
 from lightning_cit.callbacks.checkpoint import TaskCheckpoint
 from lightning_cit.callbacks.ema import AdapterEMA, DynamicEMA
 from lightning_cit.callbacks.forgetting import ForgettingEvaluator
@@ -15,7 +16,8 @@ from lightning_cit.callbacks.mixture import (
 )
 from lightning_cit.callbacks.mssr import MSSRReplay
 from lightning_cit.callbacks.opr import OnPolicyReplay
+from lightning_cit.callbacks.proxymix import LossSlope, ProxyMixController
 
-CONTROLLERS = ("NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "SizeProportional")
+CONTROLLERS = ("NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "SizeProportional", "LossSlope", "ProxyMixController")
 
-__all__ = ["CONTROLLERS", "AdapterEMA", "DynamicEMA", "FixedRatio", "ForgettingEvaluator", "InstructionGrouping", "JointFlashbackAdaptation", "MSSRReplay", "MixtureController", "MixtureSignals", "NoReplay", "OnPolicyReplay", "Proportional", "SizeProportional", "TaskCheckpoint"]
+__all__ = ["CONTROLLERS", "AdapterEMA", "AdapterOnlyCheckpoint", "DynamicEMA", "FixedRatio", "ForgettingEvaluator", "InstructionGrouping", "JointFlashbackAdaptation", "LossSlope", "MSSRReplay", "MixtureController", "MixtureSignals", "NoReplay", "OnPolicyReplay", "Proportional", "ProxyMixController", "SizeProportional", "TaskCheckpoint"]

@@ -79,6 +79,7 @@ class ForgettingEvaluator(Callback):
         self.safety_rows: list[dict[str, float]] = []
         self.probe: dict[int, tuple[int, float]] = {}
         self._last_probe_step = -1
+        self._fresh_probe = (-1, 0)  # (step, tasks covered) of the latest probe-split losses, if they are still the latest
 
     # ------------------------------------------------------------------------------------ tasks
     def _all_tasks(self, trainer: pl.Trainer) -> list[Any]:
@@ -106,6 +107,21 @@ class ForgettingEvaluator(Callback):
         if self.probe_every_n_steps is None or step == self._last_probe_step or step % self.probe_every_n_steps:
             return
         self._last_probe_step = step
+        self.probe_seen_tasks(trainer, pl_module)
+
+    def ensure_fresh_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe the seen tasks now unless the latest probe losses already come from the probe split at this step.
+
+        Controllers that read loss *trends* call this at their decisions: a score row writes the eval
+        split's losses into the signals, and a trend across two different sample sets is meaningless.
+        Every rank must call it (the losses are all-reduced).
+        """
+        if self._fresh_probe != (trainer.global_step, trainer.current_epoch + 1):
+            self.probe_seen_tasks(trainer, pl_module)
+
+    def probe_seen_tasks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Loss-only probe of the tasks trained so far (their probe split), kept as the controllers' signals."""
+        step = trainer.global_step
         tasks = self._trained(trainer)
         current = trainer.current_epoch
         was_training = pl_module.training
@@ -118,9 +134,10 @@ class ForgettingEvaluator(Callback):
             loss = float(totals[0] / totals[1].clamp(min=1))
             self.probe[j] = (step, loss)
             metrics[f"probe/loss/{task.spec.name}"] = loss
+        self._fresh_probe = (step, current + 1)
         if was_training:
             pl_module.train()
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        _log(trainer, metrics)  # straight to the loggers: probes also run in hooks where self.log is not allowed
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = [t.spec.name for t in self._trained(trainer)]
@@ -160,6 +177,7 @@ class ForgettingEvaluator(Callback):
         step = trainer.global_step
         for j, loss in enumerate(loss_row):
             self.probe[j] = (step, loss)
+        self._fresh_probe = (-1, 0)
         scores = self.scores(trainer)
         # trainer.log_dir broadcasts under DDP, so every rank resolves it, then rank 0 writes
         self._write(self._out_dir(trainer), scores)
@@ -260,6 +278,7 @@ class ForgettingEvaluator(Callback):
             "safety_rows": [dict(r) for r in self.safety_rows],
             "probe": {int(k): [int(v[0]), float(v[1])] for k, v in self.probe.items()},
             "last_probe_step": self._last_probe_step,
+            "fresh_probe": list(self._fresh_probe),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -270,6 +289,7 @@ class ForgettingEvaluator(Callback):
         self.safety_rows = [dict(r) for r in state_dict.get("safety_rows", [])]
         self.probe = {int(k): (int(v[0]), float(v[1])) for k, v in state_dict.get("probe", {}).items()}
         self._last_probe_step = int(state_dict.get("last_probe_step", -1))
+        self._fresh_probe = tuple(int(v) for v in state_dict.get("fresh_probe", (-1, 0)))
 
 
 @rank_zero_only

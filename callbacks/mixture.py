@@ -58,6 +58,8 @@ class MixtureController(Callback):
     """Base class: override :meth:`decide`. ``decision_interval`` is in optimizer steps (None: once per task)."""
 
     needs_probes = False
+    fresh_probes = False
+    """Probe the seen tasks at every decision (see ForgettingEvaluator.ensure_fresh_probe): for loss-trend controllers."""
 
     def __init__(self, decision_interval: int | None = None) -> None:
         if decision_interval is not None and decision_interval < 1:
@@ -116,6 +118,8 @@ class MixtureController(Callback):
         if dm.has_decision(task, batch):  # already taken before a resume
             return
         evaluator = _find_evaluator(trainer)
+        if self.fresh_probes and evaluator is not None:
+            evaluator.ensure_fresh_probe(trainer, trainer.lightning_module)
         losses = evaluator.latest_probe_losses(dm.num_tasks) if evaluator is not None else [None] * dm.num_tasks
         batches = dm.batches_for(task)
         signals = MixtureSignals(

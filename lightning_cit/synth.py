@@ -12,6 +12,7 @@ safety     refuse prompts carrying a harmful verb, answer  exact_match      alig
            benign ones with a fixed template                                tuning erodes
 cipher_a   apply substitution cipher A to a 6-letter word   edit_similarity  graded, interferes
 cipher_b   apply substitution cipher B to the same words    edit_similarity  with cipher_a
+cipher_c   apply substitution cipher C to the same words    edit_similarity  a third rewrite
 shift      rotate the word left by two letters              edit_similarity  a positional skill
 compare    pick the larger of two numbers (option A or B)   mc_accuracy      multiple choice by
                                                                              option log-likelihood
@@ -43,7 +44,7 @@ def _substitution(seed: int) -> dict[str, str]:
     return dict(zip(ALPHABET, letters))
 
 
-_CIPHERS = {"cipher_a": _substitution(1), "cipher_b": _substitution(2)}
+_CIPHERS = {"cipher_a": _substitution(1), "cipher_b": _substitution(2), "cipher_c": _substitution(3)}
 
 
 def _word(rng: random.Random) -> str:
@@ -95,6 +96,7 @@ GENERATORS: dict[str, Callable[[random.Random], dict]] = {
     "safety": _safety,
     "cipher_a": _cipher("cipher_a"),
     "cipher_b": _cipher("cipher_b"),
+    "cipher_c": _cipher("cipher_c"),
     "shift": _shift,
     "compare": _compare,
     "echo": _echo,
@@ -103,6 +105,7 @@ DEFAULT_METRICS = {
     "safety": "exact_match",
     "cipher_a": "edit_similarity",
     "cipher_b": "edit_similarity",
+    "cipher_c": "edit_similarity",
     "shift": "edit_similarity",
     "compare": "mc_accuracy",
     "echo": "exact_match",
