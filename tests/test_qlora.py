@@ -1,0 +1,235 @@
+"""QLoRA and FSDP: quantization options, the GPU configs, their CPU twin, and the 4-bit correctness guards.
+
+The GPU configs (configs/gpu/*.yaml) cannot run here; they are parsed by the real CLI parser, and a
+CPU twin (the FSDP config with a tiny random Llama, CPU, world size 1, gloo) trains through the same
+code path. bitsandbytes' 4-bit layers run on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from lightning_cit.cli import main
+from lightning_cit.errors import ConfigError
+from lightning_cit.module import ContinualLM
+from lightning_cit.quant import QLoRAWrapPolicy, check_storage_matches_precision, quantization_spec, random_architecture
+
+GPU_CONFIGS = ["llama3_8b_qlora.yaml", "llama3_8b_qlora_fsdp.yaml"]
+QUANT = {"quant_type": "nf4", "compute_dtype": "bfloat16", "quant_storage": "bfloat16", "double_quant": True}
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+STEPS = 3
+
+
+def twin_config(tmp_path: Path, fsdp: bool, losses: Path, n_tasks: int = 2) -> Path:
+    """configs/gpu/llama3_8b_qlora_fsdp.yaml shrunk to a CPU run: tiny random Llama, short tasks, 1 process."""
+    config = yaml.safe_load((REPO / "configs" / "gpu" / "llama3_8b_qlora_fsdp.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(accelerator="cpu", devices=1, enable_progress_bar=False, log_every_n_steps=1)
+    if fsdp:
+        trainer["strategy"]["class_path"] = "helpers_fsdp.CPUFSDPStrategy"
+        trainer["strategy"]["init_args"]["process_group_backend"] = "gloo"
+        trainer["strategy"]["init_args"]["precision_plugin"] = {"class_path": "helpers_fsdp.CPUFSDPPrecision", "init_args": {"precision": trainer.pop("precision")}}
+    else:
+        trainer["strategy"] = "auto"
+    callbacks = trainer["callbacks"]
+    callbacks[1]["init_args"].update(probe_every_n_steps=2, heatmap=False)
+    callbacks[3]["init_args"]["every_n_train_steps"] = 2
+    callbacks.append({"class_path": "helpers_fsdp.RecordLosses", "init_args": {"path": str(losses)}})
+    config["model"].update(model="random:tiny-llama", lora=LORA, eval_batch_size=16, warmup_steps=1, learning_rate=0.01)
+    config["data"].update(global_batch_size=4, steps_per_task=STEPS, max_length=64, num_workers=0)
+    config["data"]["tasks"] = [
+        {"name": "cipher_a", "source": "synth:cipher_a", "train_size": 16, "eval_size": 4, "probe_size": 2, "max_new_tokens": 4},
+        {"name": "compare", "source": "synth:compare", "train_size": 16, "eval_size": 4, "probe_size": 2},
+    ][:n_tasks]
+    path = tmp_path / ("fsdp.yaml" if fsdp else "single.yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# --------------------------------------------------------------------------------------- options
+def test_quantization_option_accepts_the_shorthand_and_a_dict_and_names_bad_fields():
+    assert quantization_spec("nf4") == {"quant_type": "nf4", "compute_dtype": "auto", "quant_storage": "uint8", "double_quant": True}
+    assert quantization_spec(QUANT) == QUANT
+    assert quantization_spec(None) is None
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['storage'\].*quant_storage"):
+        quantization_spec({"storage": "bfloat16"})
+    with pytest.raises(ConfigError, match="quant_type='int4'.*nf4, fp4"):
+        quantization_spec({"quant_type": "int4"})
+    with pytest.raises(ConfigError, match="quant_storage='int8'.*bfloat16"):
+        ContinualLM(model="random:tiny-llama", lora=LORA, quantization={"quant_storage": "int8"})
+    with pytest.raises(ConfigError, match="llama3-8b"):
+        ContinualLM(model="random:llama9")
+
+
+def test_fsdp_refuses_a_quant_storage_that_differs_from_its_param_dtype():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class Trainer:  # the two attributes the check reads
+        strategy = FSDPStrategy()
+        precision = "bf16-mixed"
+
+    check_storage_matches_precision(quantization_spec(QUANT), Trainer())
+    with pytest.raises(ConfigError, match="quant_storage=uint8.*bfloat16"):
+        check_storage_matches_precision(quantization_spec("nf4"), Trainer())
+
+
+def test_llama3_8b_preset_has_the_published_parameter_count():
+    from transformers import AutoModelForCausalLM
+
+    config = random_architecture("random:llama3-8b")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Meta-Llama-3-8B
+
+
+def test_wrap_policy_wraps_layers_adapters_and_the_leaves_outside_layers():
+    module = ContinualLM(model="random:tiny-llama", lora=LORA)
+    module.configure_model()
+    policy = QLoRAWrapPolicy(["transformers.models.llama.modeling_llama.LlamaDecoderLayer"])
+    named = list(module.named_modules())
+    for _, m in named:  # FSDP's order: "descend?" top-down before "wrap?" bottom-up
+        policy(m, recurse=True, nonwrapped_numel=0)
+    wrapped = {name for name, m in named if policy(m, recurse=False, nonwrapped_numel=0)}
+    layers = {n for n in wrapped if n.endswith(("layers.0", "layers.1"))}
+    adapters = {n for n in wrapped if ".lora_A." in n or ".lora_B." in n}
+    assert len(layers) == 2 and len(adapters) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    outside = wrapped - layers - adapters  # the root keeps no parameters of its own
+    assert {n.rsplit(".", 1)[-1] for n in outside} == {"embed_tokens", "norm", "lm_head"}
+    with pytest.raises(ConfigError, match="cannot import"):
+        QLoRAWrapPolicy(["transformers.NoSuchLayer"])
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_parse_with_the_cli(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "gpu" / name), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]
+    assert model["quantization"] == QUANT and model["gradient_checkpointing"] is True
+    assert len(model["lora"]["target_modules"]) == 7
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+    paths = [c["class_path"] for c in printed["trainer"]["callbacks"]]
+    assert "lightning_cit.callbacks.AdapterOnlyCheckpoint" in paths
+    if name.endswith("fsdp.yaml"):
+        strategy = printed["trainer"]["strategy"]
+        assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+        assert strategy["init_args"]["auto_wrap_policy"]["class_path"] == "lightning_cit.quant.QLoRAWrapPolicy"
+
+
+# ------------------------------------------------------------------------ 4-bit checkpoint round trip
+def _packed_4bit_layers(module: torch.nn.Module) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def test_4bit_base_survives_an_adapter_only_checkpoint_round_trip(tmp_path):
+    """Train QLoRA (NF4, bf16 storage) through the CLI's single-device twin, then load the adapter-only
+    checkpoint onto a freshly quantized base: still 4-bit, quant state intact, same loss as before saving."""
+    import bitsandbytes as bnb
+
+    from lightning_cit.cli import CITCLI
+
+    config = twin_config(tmp_path, fsdp=False, losses=tmp_path / "losses.json")
+    cli = CITCLI(args=["--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    cli.datamodule.load_tasks()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    trained = cli.model
+    samples = cli.datamodule.train_tasks[0].eval[:4]
+    trained.eval()
+    loss_trained = trained.probe_loss(samples)
+
+    checkpoint_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys), keys[:5]
+    assert checkpoint["adapter_only"]["dropped"] > 0
+    assert os.path.getsize(checkpoint_path) < 2_000_000
+
+    loaded = ContinualLM.load_from_checkpoint(checkpoint_path, weights_only=True, strict=False)
+    loaded.eval()
+    layers = _packed_4bit_layers(loaded)
+    assert len(layers) == 2 * 7
+    for layer in layers:
+        weight = layer.weight
+        assert isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized
+        assert weight.quant_state is not None and weight.quant_state.quant_type == "nf4"
+        assert weight.dtype == torch.bfloat16  # the storage dtype, packed: two 4-bit values per byte
+        assert weight.numel() * weight.element_size() * 2 == layer.in_features * layer.out_features
+        assert tuple(weight.quant_state.shape) == (layer.out_features, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer's bf16-mixed context gave `trained`
+        loss_loaded = loaded.probe_loss(samples)
+    assert torch.isfinite(torch.tensor(loss_loaded)) and loss_loaded > 0
+    assert loss_loaded == pytest.approx(loss_trained, rel=1e-6)
+    untrained = ContinualLM(**loaded.hparams)
+    untrained.configure_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert untrained.probe_loss(samples) != pytest.approx(loss_loaded, rel=1e-4)  # the adapters were trained
+
+    # Lightning's own restore path (strict_loading off for the dropped base keys): `lightning-cit test`
+    code = main(["test", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path", str(checkpoint_path)])
+    assert code == 0
+
+
+# ------------------------------------------------------------------------------- FSDP vs one device
+def test_fsdp_world_size_one_matches_single_device_losses(tmp_path):
+    """The FSDP config's CPU twin (FSDPStrategy, QLoRAWrapPolicy, bf16-mixed, bf16 quant storage, HF
+    checkpointing) gives the same first losses as the single-device QLoRA run on the same data."""
+    single_losses, fsdp_losses = tmp_path / "single.json", tmp_path / "fsdp.json"
+    assert main(["fit", "--config", str(twin_config(tmp_path, False, single_losses, n_tasks=1)), "--trainer.default_root_dir", str(tmp_path / "single")]) == 0
+    # FSDP initializes a process group: run it in its own process, like the DDP tests
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(twin_config(tmp_path, True, fsdp_losses, n_tasks=1)),
+           "--trainer.default_root_dir", str(tmp_path / "fsdp")]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, fsdp = json.loads(single_losses.read_text()), json.loads(fsdp_losses.read_text())
+    assert len(single) == len(fsdp) == STEPS
+    assert all(torch.isfinite(torch.tensor(fsdp))) and min(fsdp) > 0
+    # bf16 compute: the two paths round differently (autocast vs FSDP's parameter cast), not more
+    assert fsdp == pytest.approx(single, rel=2e-2)
+    assert single[-1] < single[0]  # it learns
+    checkpoint = torch.load(next((tmp_path / "fsdp").rglob("last.ckpt")), weights_only=True)
+    assert checkpoint["state_dict"] and all(".lora_" in k for k in checkpoint["state_dict"])
+    assert all(isinstance(k, str) and ".lora_" in k for k in checkpoint["optimizer_states"][0]["state"])  # keyed by name
+
+    # resume the FSDP run from its mid-task adapter-only checkpoint: the last step's loss is the same
+    mid_task = next((tmp_path / "fsdp").rglob("epoch=0-step=2.ckpt"))
+    resumed_losses = tmp_path / "fsdp.json"
+    resumed_losses.unlink()
+    proc = subprocess.run([*cmd, "--ckpt_path", str(mid_task)], check=False, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(resumed_losses.read_text()) == pytest.approx(fsdp[2:], rel=1e-5)
+
+
+def test_an_evaluation_pass_does_not_change_4bit_training_gradients():
+    """bitsandbytes repacks 4-bit layers for CPU inference on the first eval-mode pass; after that no
+    gradient flows through the base. The quantized base is built with that repacking off."""
+    module = ContinualLM(model="random:tiny-llama", lora=dict(LORA, init_lora_weights=False), quantization=QUANT)
+    module.configure_model()
+    tokens = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads() -> list[torch.Tensor]:
+        module.train()
+        module.zero_grad()
+        module.model(input_ids=tokens, labels=tokens).loss.backward()
+        return [p.grad.clone() for n, p in module.named_parameters() if p.requires_grad]
+
+    before = lora_grads()
+    module.eval()
+    with torch.no_grad():
+        module.model(input_ids=tokens)
+    after = lora_grads()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(m.weight.quant_state is not None and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+               for m in module.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
