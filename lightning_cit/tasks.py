@@ -278,6 +278,8 @@ def _normalize(spec: TaskSpec, record: Any, where: str) -> dict:
             raise TaskDataError(f"task {spec.name!r}: {where}: the last turn of {spec.messages_field!r} must be the assistant's answer")
         if len(turns) < 2:
             raise TaskDataError(f"task {spec.name!r}: {where}: field {spec.messages_field!r} needs a prompt turn before the answer")
+            for key in ("role", "content"):
+                _check_text(spec, t[key], where, f"{spec.messages_field}[].{key}")
         messages = [{"role": str(t["role"]), "content": str(t["content"])} for t in turns[:-1]]
         response = str(turns[-1]["content"])
     else:
@@ -287,6 +289,7 @@ def _normalize(spec: TaskSpec, record: Any, where: str) -> dict:
                     f"task {spec.name!r}: {where}: missing field {name!r} (records need {spec.prompt_field!r} and "
                     f"{spec.response_field!r}, or {spec.messages_field!r}; set prompt_field/response_field to map yours)"
                 )
+            _check_text(spec, record[name], where, name)
         messages = [{"role": "user", "content": str(record[spec.prompt_field])}]
         response = str(record[spec.response_field])
     if spec.system_prompt:
@@ -295,4 +298,22 @@ def _normalize(spec: TaskSpec, record: Any, where: str) -> dict:
     for key in ("options", "answer_index", "harmful"):
         if key in record and record[key] is not None:
             sample[key] = record[key]
+    if (spec.metric or _default_metric(spec)) == MC_ACCURACY:
+        _check_choice(spec, sample, where)
     return sample
+
+
+def _check_text(spec: TaskSpec, value: Any, where: str, name: str) -> None:
+    # numbers are fine as text (a CSV column of digits); a list or mapping would train on its Python repr
+    if not isinstance(value, (str, int, float)):
+        raise TaskDataError(f"task {spec.name!r}: {where}: field {name!r} must be text, got {type(value).__name__}")
+
+
+def _check_choice(spec: TaskSpec, sample: dict, where: str) -> None:
+    """A multiple-choice record: a non-empty ``options`` list and an integer ``answer_index`` into it."""
+    options, index = sample.get("options"), sample.get("answer_index")
+    needs = f"task {spec.name!r}: {where}: metric 'mc_accuracy' needs fields 'options' (a non-empty list) and 'answer_index'"
+    if not isinstance(options, (list, tuple)) or not options:
+        raise TaskDataError(f"{needs} (an index into it); 'options' is {options!r:.60}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(options):
+        raise TaskDataError(f"{needs} (an integer in [0, {len(options) - 1}]); 'answer_index' is {index!r:.60}")

@@ -1,0 +1,304 @@
+"""Reliability of every shipped config: SIGKILL and resume, an exception in a callback, 2-process DDP.
+
+Every config in :data:`CASES` (the quickstart and each method's config) is run shrunk: a tiny model, three
+short tasks, the config's own callbacks with their kill points (``helpers_kill.Killable<Name>``, which
+behave exactly like ``<Name>`` unless ``CIT_KILL_AT`` is set). Per config the default suite checks:
+
+- a real ``python -m lightning_cit.cli fit`` subprocess killed with SIGKILL at the config's kill point and
+  resumed with ``--ckpt_path last`` ends with the uninterrupted run's ``scores.json``, bit for bit;
+- an exception raised inside a callback mid-task leaves ``scores.json`` (the rows so far) and a
+  ``last.ckpt`` that loads with ``weights_only=True``, and the resumed run again ends bit-identical;
+- ``--trainer.devices 2 --trainer.strategy ddp`` on CPU: ranks agree at every task end on the mixture
+  schedule, buffers, every callback's state and the trainable weights; they train on disjoint samples;
+  exactly one ``scores.json`` is written.
+
+The full matrix (every config x every kill point, ``KILL_POINTS``) runs with
+``CIT_RELIABILITY_FULL=1 python -m pytest -m reliability_full tests/test_reliability.py``.
+
+Adding a config: one entry in :data:`CASES` (its path, the shrinking overrides of its callbacks, and
+the kill point the default suite uses for it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helpers_kill
+import pytest
+import torch
+import yaml
+from conftest import REPO, TESTS_DIR
+
+from lightning_cit.cli import main
+
+STEPS = 6  # optimizer steps per task
+TASKS = 3  # trained tasks kept from each config
+CHECKPOINT_EVERY = 4  # periodic checkpoints: steps 4, 8, 16 (12 is a task's last step: saved at the task end)
+TOTAL_STEPS = STEPS * TASKS
+DDP_TASKS = 2  # enough for a boundary (buffers, OPR rollout, JFA flashbacks, LCIA group reuse) and replay after it
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 128}
+FULL = os.environ.get("CIT_RELIABILITY_FULL") == "1"
+
+# One entry per config. "init_args": shrinking overrides per callback class; "kill": the kill point(s) of the
+# default suite (step:random draws a step from a generator seeded by the config's name); "points": the extra
+# kill points of the full matrix; "ddp_strategy": the strategy for the DDP test; "full_only": only in the full tier.
+CASES: dict[str, dict[str, Any]] = {
+    "quickstart": {
+        "config": "quickstart.yaml",
+        # two kills in a row: at the start of task 2 (after task 1's checkpoint), then, in the resumed process, in the
+        # middle of the evaluation at the end of task 2 (its 2nd scored task)
+        "kill": ["task_start:1", "eval:2"],
+        "points": ["step:random", "eval:5", "task_end:2", "decide:2"],
+    },
+    "mssr": {
+        "config": "mssr.yaml",
+        "init_args": {"MSSRReplay": {"lambda_0": 0.3, "decision_interval": 2, "rescore_interval": 3, "first_interval": 4}},
+        "kill": "decide:5",  # a mid-task decision of task 2 (one per task start, then every 2 steps)
+        "points": ["step:random", "eval:6", "task_start:2"],
+    },
+    "lcia": {
+        "config": "lcia.yaml",
+        "init_args": {"DynamicEMA": {"scale": 1e-4}},
+        "kill": "step:random",
+        "points": ["step:9", "eval:7", "task_start:1", "task_end:1"],  # step 9: cipher_b reuses cipher_a's adapter, EMA on
+        "ddp_strategy": "ddp_find_unused_parameters_true",  # one adapter slot per task, one trains at a time
+    },
+    "opr": {
+        "config": "opr.yaml",
+        "init_args": {"OnPolicyReplay": {"budget": 8, "candidates_per_task": 8}},
+        "kill": "opr:2",  # the rollout at the end of task 2 (answer batches: 1 after task 1, 2 and 3 after task 2)
+        "points": ["step:random", "opr:1", "eval:5", "task_start:1"],
+    },
+    "jfa": {
+        "config": "jfa.yaml",
+        "init_args": {"JointFlashbackAdaptation": {"flashbacks_per_task": 4, "encoder_dim": 64, "key_chunks": 2, "pool_size": 8,
+                                                   "latent_rank": 2}},
+        "kill": "jfa:2",  # the flashback generation at the end of task 2
+        "points": ["step:random", "jfa:1", "eval:6", "task_start:2"],
+    },
+    "quickstart_no_replay": {"config": "quickstart_no_replay.yaml", "kill": "task_start:1", "points": ["step:random"], "full_only": True},
+    "cit_synth_lora": {"config": "cit_synth_lora.yaml", "kill": "eval:6", "points": ["step:random"], "full_only": True},
+}
+DEFAULT = [pytest.param(name, marks=pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1"))
+           if case.get("full_only") else name for name, case in CASES.items()]
+KILL_POINTS = [(name, point) for name, case in CASES.items() for point in case["points"]]
+KILLABLE = ("MixtureController", "ForgettingEvaluator", "OnPolicyReplay", "JointFlashbackAdaptation")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # every run of a comparison uses the same intra-op thread count (subprocesses: OMP_NUM_THREADS=1), and on
+    # a shared 2-core machine one thread is also the fastest (no spinning OpenMP workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (helpers_kill.KILL_ENV, "CIT_KILL_HOW")}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    # LightningCLI warns when sys.argv (here pytest's) and an explicit argv are both present
+    monkeypatch.setattr("sys.argv", ["lightning-cit"])
+    monkeypatch.delenv(helpers_kill.KILL_ENV, raising=False)
+
+
+def _killable(class_path: str) -> str:
+    from lightning_cit import callbacks
+
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(callbacks, name, None) if module == "lightning_cit.callbacks" else None
+    bases = {base.__name__ for base in cls.__mro__} if isinstance(cls, type) else set()
+    return f"helpers_kill.Killable{name}" if bases & set(KILLABLE) else class_path
+
+
+def shrunk_config(name: str, directory: Path, extra_callbacks: list[dict] = (), tasks: int = TASKS) -> Path:
+    """The config of ``CASES[name]`` with a tiny model, ``tasks`` short tasks and kill points; written to ``directory``."""
+    case = CASES[name]
+    config = yaml.safe_load((REPO / "configs" / case["config"]).read_text())
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    trainer.update(enable_progress_bar=False, log_every_n_steps=2)
+    callbacks = trainer["callbacks"]
+    periodic = [c for c in callbacks if c["class_path"].endswith("TaskCheckpoint") and c["init_args"].get("every_n_train_steps")]
+    assert periodic, f"configs/{case['config']}: TaskCheckpoint without every_n_train_steps (periodic checkpoints off)"
+    for callback in callbacks:
+        short = callback["class_path"].rpartition(".")[2]
+        args = callback.setdefault("init_args", {}) or {}
+        callback["init_args"] = args
+        if short == "ForgettingEvaluator":
+            args.update(probe_every_n_steps=3, heatmap=False)
+        if short == "TaskCheckpoint":
+            args["every_n_train_steps"] = CHECKPOINT_EVERY
+        args.update(case.get("init_args", {}).get(short, {}))
+        callback["class_path"] = _killable(callback["class_path"])
+        if not callback["init_args"]:
+            del callback["init_args"]
+    callbacks.insert(0, {"class_path": "helpers_kill.KillSwitch"})
+    callbacks.extend(extra_callbacks)
+    model.update(model="tiny", tiny=dict(TINY), warmup_steps=2, eval_batch_size=16)
+    if model.get("lora"):
+        model["lora"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": model["lora"]["target_modules"]}
+    trained = [t for t in data["tasks"] if t.get("train", True)][:tasks]
+    eval_only = [t for t in data["tasks"] if not t.get("train", True)]
+    shrunk = []
+    for task in trained + eval_only:
+        task = dict(task, eval_size=4, probe_size=4, max_new_tokens=min(task.get("max_new_tokens", 48), 6))
+        if task.get("train", True):
+            task["train_size"] = 48  # >= the 6 x 8 draws of a task: no sample is drawn twice within a task
+        shrunk.append(task)
+    data.update(steps_per_task=STEPS, global_batch_size=8, max_length=64, tasks=shrunk)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def fit(config: Path, root: Path, *extra: str) -> int:
+    return main(["fit", "--config", str(config), "--trainer.default_root_dir", str(root), *extra])
+
+
+def final_scores(root: Path) -> dict:
+    files = sorted(root.glob("lightning_logs/version_*/scores.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    assert files, f"no scores.json under {root}"
+    return json.loads(files[-1].read_text())
+
+
+def assert_same_scores(got: dict, want: dict) -> None:
+    assert got["rows"] == want["rows"]
+    assert got["matrix"] == want["matrix"], "score matrix differs from the uninterrupted run"
+    assert got["loss_matrix"] == want["loss_matrix"], "loss matrix differs from the uninterrupted run"
+    assert got == want  # summary, eval-only rows, safety, method sections too
+    assert got["complete"]
+
+
+_references: dict[str, tuple[Path, dict]] = {}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted in-process run of a config, run once per module and shared by the tests."""
+
+    def get(name: str) -> tuple[Path, dict]:
+        if name not in _references:
+            directory = tmp_path_factory.mktemp(f"reference_{name}")
+            config = shrunk_config(name, directory)
+            assert fit(config, directory / "run") == 0
+            _references[name] = (config, final_scores(directory / "run"))
+        return _references[name]
+
+    yield get
+    _references.clear()
+
+
+def resolve(name: str, point: str) -> str:
+    kind, _, value = point.partition(":")
+    if value == "random":
+        # a seeded random step that no periodic checkpoint lands on and that is no task's last step
+        candidates = [s for s in range(2, TOTAL_STEPS) if s % CHECKPOINT_EVERY and s % STEPS]
+        return f"{kind}:{random.Random(f'kill/{name}').choice(candidates)}"
+    return point
+
+
+def kill_at(config: Path, root: Path, point: str, tmp_path: Path) -> None:
+    """Run ``fit`` in a subprocess that SIGKILLs itself at ``point``; check that it died there."""
+    mark = tmp_path / f"killed_{point.replace(':', '_')}"
+    env = subprocess_env(**{helpers_kill.KILL_ENV: point, helpers_kill.MARK_ENV: str(mark)})
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(root), "--ckpt_path", "last"]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"expected a SIGKILL at {point}, got rc={proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert mark.read_text() == point
+    for scores in root.rglob("scores.json"):  # whatever was written before the kill is whole
+        assert json.loads(scores.read_text())["rows"][0] == "base"
+
+
+def kill_and_resume(name: str, points: str | list[str], tmp_path: Path, reference) -> None:
+    """Kill at each point in turn (each kill in a process resumed from the previous one), then finish in-process."""
+    config, want = reference(name)
+    root = tmp_path / "run"
+    for point in [points] if isinstance(points, str) else points:
+        kill_at(config, root, resolve(name, point), tmp_path)
+    assert fit(config, root, "--ckpt_path", "last") == 0
+    assert_same_scores(final_scores(root), want)
+
+
+# ---------------------------------------------------------------------------------------------- SIGKILL
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_sigkill_then_resume_from_last_gives_the_same_scores(name, tmp_path, reference):
+    kill_and_resume(name, CASES[name]["kill"], tmp_path, reference)
+
+
+@pytest.mark.reliability_full
+@pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1")
+@pytest.mark.parametrize("name, point", KILL_POINTS)
+def test_sigkill_matrix(name, point, tmp_path, reference):
+    kill_and_resume(name, point, tmp_path, reference)
+
+
+# ------------------------------------------------------------------------------------ failure injection
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_an_exception_in_a_callback_mid_task_leaves_scores_and_checkpoint_resumable(name, tmp_path, reference, monkeypatch):
+    config, want = reference(name)
+    step = STEPS + STEPS // 2 + 1  # mid task 2, one step after its periodic checkpoint at step 8
+    root = tmp_path / "run"
+    monkeypatch.setenv(helpers_kill.KILL_ENV, f"step:{step}")
+    monkeypatch.setenv("CIT_KILL_HOW", "raise")
+    with pytest.raises(RuntimeError, match=f"injected failure at step:{step}"):
+        fit(config, root)
+    monkeypatch.delenv(helpers_kill.KILL_ENV)
+    scores = final_scores(root)
+    assert scores["rows"] == want["rows"][:2] and not scores["complete"]  # base + task 1, as written before the crash
+    assert scores["matrix"] == want["matrix"][:2]
+    assert not list(root.rglob(".scores.json.*"))  # no half-written temporary left behind
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == CHECKPOINT_EVERY * (step // CHECKPOINT_EVERY)
+    assert fit(config, root, "--ckpt_path", "last") == 0
+    assert_same_scores(final_scores(root), want)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.parametrize("name", DEFAULT)
+def test_two_process_ddp_ranks_agree_and_read_disjoint_samples(name, tmp_path):
+    record = {"class_path": "helpers_kill.RecordRankState", "init_args": {"out_dir": str(tmp_path / "rec")}}
+    config = shrunk_config(name, tmp_path, [record], tasks=DDP_TASKS)
+    env = subprocess_env()
+    strategy = CASES[name].get("ddp_strategy", "ddp")
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run"),
+           "--trainer.devices", "2", "--trainer.strategy", strategy]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "run").rglob("scores.json"))) == 1
+    assert final_scores(tmp_path / "run")["complete"]
+    ranks = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    # the same state on both ranks at every task end: schedule, buffers, callbacks, trainable weights
+    assert len(ranks[0]["digests"]) == DDP_TASKS
+    for task, (a, b) in enumerate(zip(ranks[0]["digests"], ranks[1]["digests"])):
+        differing = sorted(key for key in a if a[key] != b.get(key))
+        assert not differing, f"ranks disagree at the end of task {task + 1} on {differing}"
+    # each rank trains on its own half of every global batch, in lockstep
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == STEPS * DDP_TASKS
+    for (task_a, step_a, _, ids_a), (task_b, step_b, _, ids_b) in zip(ranks[0]["seen"], ranks[1]["seen"]):
+        assert (task_a, step_a) == (task_b, step_b) and len(ids_a) == len(ids_b) == 4
+    # a task's own samples: a task draws at most train_size of them, so none may appear twice on any rank
+    for task in range(DDP_TASKS):
+        current = [sid for rank in ranks for t, _, sources, ids in rank["seen"] if t == task
+                   for source, sid in zip(sources, ids) if source == task]
+        assert current and len(current) == len(set(current)), f"task {task + 1}: a sample was read twice across ranks"
