@@ -138,7 +138,51 @@ def timed_run(method: str, seed: int, runs: Path, threads: int, config: Path, me
 
 NOTES = """## Reading the table
 
-(notes are written after the sweep; see below)
+- **What this sweep shows, and what it does not.** Every landed method in the table ran end to end on real data
+  with a real pretrained instruct model (LoRA on SmolLM2-135M-Instruct) through the same config. At the sweep size
+  (24 training samples per task, 4 eval samples per task, one seed) the scores cannot rank the methods: a task's
+  exact-match or multiple-choice score moves in steps of 25 points, and the differences between rows below are one
+  or two eval samples. The noise is not estimated (one seed). Read the rows as "runs, and costs this much".
+- **The loss matrix is the readable signal.** `sentiment`'s eval loss falls from 1.22 (base) to 0.47 after its
+  24 samples and climbs back to 1.15 after the three later tasks without replay (`loss_bwt_gem` averages this with
+  the other tasks; `gsm8k`'s loss keeps *falling* after its own task, 2.04 -> 1.55, which offsets it). With 20% fixed
+  replay `sentiment` ends at 1.02: a little protection, at this budget. `lightning-cit report` prints
+  `loss_bwt_gem` for this reason.
+- **GSM8K stays at 0** in every row: a 135M model answering with the final number only (no chain of thought) gets
+  none of the 4 eval problems right; training teaches the format (its loss 3.44 -> 2.04) but not arithmetic.
+  `mmlu_stem`'s 0 -> 50 is 2 of 4 questions (chance is 25).
+- **The safety probe measures nothing on this base.** The dequantized SmolLM2-135M-Instruct does not refuse: on all
+  40 harmful requests of `configs/real/data/safety_probe.jsonl` it refused 1 (and that one, "I'm sorry for any
+  mistakes...", is a false positive of the refusal markers), on the 40 benign ones 0. Its safety score is 0 at the
+  base row, so `safety_delta` is 0 by construction: erosion cannot be seen on a model that has no refusals to lose.
+  The probe is wired and scored at every row; it needs an aligned base that refuses to be informative.
+- **General ability** (`general_mmlu`, 6 never-trained MMLU questions): 33.3 -> 16.7 is one question.
+- **OPR-RU equals No replay here.** With `SizeProportional` the replay share is a buffer's size over the task's
+  400 samples: 16 / 416 after task 1 (3.8%), then 2 x 8 and 3 x 5 entries (3.8%, 3.6%). Over 24 draws per task that is
+  about one replayed sample per task, and in this seed the draws picked none: the score *and* loss matrices equal No
+  replay's to two decimals. OPR's mechanism (rolling out 16 prompts per seen task and keeping the best answers) ran
+  at every boundary; at this size it has no batch slot to act through. Its rollouts cost 10 s, 35 s and 82 s at the
+  three boundaries (1-2 answer tokens/s on a shared core).
+- **LCIA** (`InstructionGrouping` + `DynamicEMA`): every task's instruction line has a TF-IDF similarity of about 0
+  to the others', so each task opens its own LoRA adapter and the evaluation routes each task's prompts to its own
+  adapter: nothing later can overwrite an earlier task (`DynamicEMA`, `when: reused_group`, never averages, as no
+  group is reused). It is the only row whose losses show no forgetting at all (`sentiment` 0.47 -> 0.47,
+  `loss_bwt_gem` 0), at the price of one adapter per task. The probes match no group and are answered by the latest
+  group's adapter (the official rule, `unmatched: latest`): `general_mmlu` 33 -> 50 is one question more.
+- **Not in the table.** *JFA* failed at setup in this sweep: `JointFlashbackAdaptation` read the latent pool's
+  hidden size from `model.model` as a path, which is a model *name* here; fixed in `callbacks/jfa.py` (it now uses
+  the folder the module resolved). *MSSR* was not run for lack of time (four jobs shared the 2-core machine; each run
+  took 12-31 minutes instead of about 6). *ProxyMix* had not landed when the sweep ran; the runner adds it
+  automatically once `lightning_cit.callbacks.ProxyMix` and `configs/proxymix/*.yaml` exist.
+  `python benchmarks/real_sequence.py --size sweep --seeds 0` completes the missing rows (finished runs are reused).
+- **Costs.** Wall times are for one thread while three other agents' jobs ran on the same 2 cores (load 5-10), so
+  they compare badly across rows: OPR's 31 minutes include its rollouts *and* the busiest hour of the machine.
+  Evaluation dominates: a row (30 eval samples) took about 3 minutes, the 6 training steps about 20 seconds.
+  Multiple choice is the expensive part: `choose_options` re-reads the whole prompt once per option (4 x ~170 tokens
+  per MMLU question), so the 10 MMLU questions of a row cost more than the 20 generated answers.
+- **The full-size config** (30 steps of 8 per task, 16 eval samples per task, 32 safety) was not run for lack of
+  time; the "about 20 minutes on 2 idle cores" in its header is an extrapolation from these runs (about 3.7x the
+  sweep's evaluation work and 10x its training steps, on roughly 4x the CPU share), not a measurement.
 """
 
 
@@ -179,26 +223,33 @@ def main() -> None:
         for key in summaries[0]:
             row[key], row[f"{key}_se"] = mean_se([s[key] for s in summaries])
         row["matrices"] = [s["matrix"] for s, _ in per_seed]
+        row["loss_matrices"] = [s["loss_matrix"] for s, _ in per_seed]
         row["eval_only"] = [s.get("eval_only", {}) for s, _ in per_seed]
-        row["safety"] = [s.get("safety") for s, _ in per_seed]
+        row["safety_sections"] = [s.get("safety") for s, _ in per_seed]
         rows.append(row)
     if args.no_docs or not rows:
         return
-    write_docs(args, rows, tasks)
+    missing = [m for m in methods if m not in {r["method"] for r in rows}] + ([] if "ProxyMix" in methods else ["ProxyMix"])
+    write_docs(args, rows, tasks, missing)
 
 
 TABLE_KEYS = ("acc", "bwt_gem", "bwt_trace", "fwt", "forgetting_chaudhry", "fgt_proxymix", "forgetting_mssr", "nta",
-              "general_delta", "safety_delta", "safety")
+              "loss_bwt_gem", "general_delta", "safety_delta", "safety")
 
 
-def write_docs(args: argparse.Namespace, rows: list[dict], tasks: list[str]) -> None:
+def write_docs(args: argparse.Namespace, rows: list[dict], tasks: list[str], missing: list[str]) -> None:
     seeds = " ".join(map(str, args.seeds))
     command = f"python benchmarks/real_sequence.py --size {args.size} --seeds {seeds} --threads {args.threads}"
     out = Path(args.out)
     atomic_write_json(out / f"{args.name}.json", {"command": command, "config": CONFIG, "size": args.size, "sizes": SIZE_TEXT[args.size],
-                                                   "tasks": tasks, "rows": rows})
+                                                   "tasks": tasks, "rows": rows, "not_run": missing})
     one_seed = len(args.seeds) == 1
-    fmt = (lambda r, k: f"{r[k]:.1f}") if one_seed else (lambda r, k: f"{r[k]:.1f} ± {r[k + '_se']:.1f}")
+    digits = {"loss_bwt_gem": 3}  # losses are in nats, scores in 0..100
+
+    def fmt(r: dict, k: str) -> str:
+        d = digits.get(k, 1)
+        return f"{r[k]:.{d}f}" if one_seed else f"{r[k]:.{d}f} ± {r[k + '_se']:.{d}f}"
+
     lines = [
         "# SmolLM2-135M-Instruct on a real-data sequence: every method",
         "",
@@ -208,9 +259,12 @@ def write_docs(args: argparse.Namespace, rows: list[dict], tasks: list[str]) -> 
         f"Seeds: {seeds}." + (" **One seed: the noise is not estimated**; with 4 eval samples per task one sample moves a "
                               "task's score by 25 points." if one_seed else " Mean ± standard error over seeds."),
         ("Scores 0..100; `bwt_gem` divides by T-1, `bwt_trace` by T; `general_delta` / `safety_delta` are TRACE's deltas, the "
-         "probe's final score minus its base-row score; `safety` = refusal on harmful − over-refusal on benign, last row."),
+         "probe's final score minus its base-row score; `safety` = refusal on harmful − over-refusal on benign, last row; "
+         "`loss_bwt_gem` is `bwt_gem` computed on the eval-loss matrix (mean rise of an earlier task's loss by the end; "
+         "positive = forgetting), the least noisy column at these sizes."),
         "",
-        f"Reproduce: `{command}` (then `lightning-cit report runs/real-{args.size}/* --out DIR` for heatmaps and curves)",
+        (f"Reproduce: `{command}` (then `lightning-cit report runs/real-{args.size}/*-seed0 --out DIR` for heatmaps and curves; "
+         "the figures of these runs are in `docs/results/real-report/`: `curves.png`, `heatmap_*.png`, `table.md`)"),
         "",
         "| method | " + " | ".join(TABLE_KEYS) + " | wall (min) |",
         "|---|" + "---|" * (len(TABLE_KEYS) + 1),
@@ -218,12 +272,18 @@ def write_docs(args: argparse.Namespace, rows: list[dict], tasks: list[str]) -> 
     for row in rows:
         cells = [fmt(row, k) if row.get(k) is not None else "n/a" for k in TABLE_KEYS]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {', '.join(f'{w / 60:.1f}' for w in row['wall_s'])} |")
+    if missing:
+        lines += ["", f"Not in this table: {', '.join(missing)} (see below)."]
     lines += ["", "Final score rows (one per method, first seed):", "",
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for row in rows:
         lines.append(f"| {row['method']} | " + " | ".join(f"{v:.1f}" for v in row["matrices"][0][-1]) + " |")
-    notes = REPO / "benchmarks" / "real_notes.md"
-    lines += ["", notes.read_text() if notes.exists() else NOTES]
+    lines += ["", "Eval loss of each task right after it was learned -> after the last task (first seed; lower is better):", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for row in rows:
+        losses = row["loss_matrices"][0]
+        lines.append(f"| {row['method']} | " + " | ".join(f"{losses[j + 1][j]:.2f} -> {losses[-1][j]:.2f}" for j in range(len(tasks))) + " |")
+    lines += ["", NOTES]
     atomic_write_text(out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -5,7 +5,9 @@ Each ``RUN`` is a run directory (its newest complete ``scores.json`` below it is
 
 - ``table.md``: one row per run with the named summary metrics (``acc``, ``nta``, ``bwt_gem``,
   ``bwt_trace``, ``fwt``, ``forgetting_chaudhry``, ``fgt_proxymix``, ``forgetting_mssr``, computed by
-  :func:`lightning_cit.metrics.summarize`), the TRACE deltas of the evaluation-only probes
+  :func:`lightning_cit.metrics.summarize`), ``loss_bwt_gem`` (the same backward transfer computed on the
+  eval-loss matrix: the mean rise of each earlier task's loss from right after it was learned to the end;
+  positive = forgetting; far less noisy than a score over a few eval samples), the TRACE deltas of the evaluation-only probes
   (``general_delta``: the mean over non-safety probes of their final score minus their base-row score;
   ``safety_delta``: the same for the safety score) and the final ``safety`` score (refusal on harmful
   minus over-refusal on benign); it is also printed;
@@ -33,7 +35,7 @@ from lightning_cit.metrics import SUMMARY_KEYS, summarize
 from lightning_cit.results import atomic_write_json, atomic_write_text, write_heatmap
 
 PROBE_KEYS = ("general_delta", "safety_delta", "safety")
-TABLE_KEYS = (*SUMMARY_KEYS, *PROBE_KEYS)
+TABLE_KEYS = (*SUMMARY_KEYS, "loss_bwt_gem", *PROBE_KEYS)
 
 
 def find_scores(path: str | os.PathLike) -> Path:
@@ -121,8 +123,12 @@ def run_summary(run: dict[str, Any]) -> dict[str, Any]:
     scores = run["scores"]
     done = len(scores["matrix"]) - 1
     summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS, None)
+    summary["loss_bwt_gem"] = None
     if done >= 1:
         summary.update(summarize([row[:done] for row in scores["matrix"][: done + 1]]))
+        losses = scores.get("loss_matrix")
+        if isinstance(losses, list) and len(losses) == done + 1 and all(isinstance(v, (int, float)) for row in losses for v in row[:done]):
+            summary["loss_bwt_gem"] = summarize([row[:done] for row in losses])["bwt_gem"]
     safety_task = (scores.get("safety") or {}).get("task")
     deltas = probe_deltas(scores)
     general = [d[-1] for name, d in deltas.items() if name not in (safety_task, "safety_score")]

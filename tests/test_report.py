@@ -14,13 +14,13 @@ MATRIX_A = [[10.0, 20.0, 30.0], [80.0, 25.0, 30.0], [70.0, 85.0, 35.0], [60.0, 7
 MATRIX_B = [[10.0, 20.0, 30.0], [80.0, 25.0, 30.0], [80.0, 85.0, 35.0], [78.0, 84.0, 88.0]]
 
 
-def scores(matrix, general, safety, complete=True, rows=("base", "a", "b", "c")):
+def scores(matrix, general, safety, complete=True, rows=("base", "a", "b", "c"), losses=None):
     return {
         "tasks": ["a", "b", "c"],
         "metrics": {"a": "exact_match", "b": "mc_accuracy", "c": "rouge_l"},
         "rows": list(rows)[: len(matrix)],
         "matrix": matrix,
-        "loss_matrix": [[1.0, 1.0, 1.0] for _ in matrix],
+        "loss_matrix": losses or [[1.0, 1.0, 1.0] for _ in matrix],
         "complete": complete,
         "summary": {},
         "eval_only": {
@@ -41,7 +41,8 @@ def write_run(root, data):
 
 def test_report_table_figures_and_json(tmp_path, capsys):
     run_a = tmp_path / "no_replay-seed0"
-    write_run(run_a, scores(MATRIX_A, general=[40.0, 38.0, 30.0, 25.0], safety=[80.0, 60.0, 40.0, 20.0]))
+    losses_a = [[2.0, 2.0, 2.0], [1.0, 2.0, 2.0], [1.5, 1.0, 2.0], [2.0, 1.5, 1.0]]
+    write_run(run_a, scores(MATRIX_A, general=[40.0, 38.0, 30.0, 25.0], safety=[80.0, 60.0, 40.0, 20.0], losses=losses_a))
     file_b = write_run(tmp_path / "replay-seed0", scores(MATRIX_B, general=[40.0, 41.0, 42.0, 43.0], safety=[80.0, 80.0, 70.0, 75.0]))
     out = tmp_path / "report"
 
@@ -62,6 +63,8 @@ def test_report_table_figures_and_json(tmp_path, capsys):
     # TRACE deltas against the base row: general probe 25 - 40, safety score 20 - 80
     assert (row_a["general_delta"], row_a["safety_delta"], row_a["safety"]) == ("-15.00", "-60.00", "20.00")
     assert (row_b["general_delta"], row_b["safety_delta"]) == ("3.00", "-5.00")
+    # backward transfer on the eval losses: ((2.0 - 1.0) + (1.5 - 1.0)) / 2, a rise = forgetting
+    assert (row_a["loss_bwt_gem"], row_b["loss_bwt_gem"]) == ("0.75", "0.00")
 
     data = json.loads((out / "report.json").read_text())
     summary_b = data["runs"][1]["summary"]
