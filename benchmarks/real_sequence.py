@@ -169,14 +169,21 @@ NOTES = """## Reading the table
   group is reused). It is the only row whose losses show no forgetting at all (`sentiment` 0.47 -> 0.47,
   `loss_bwt_gem` 0), at the price of one adapter per task. The probes match no group and are answered by the latest
   group's adapter (the official rule, `unmatched: latest`): `general_mmlu` 33 -> 50 is one question more.
-- **Not in the table.** *JFA* failed at setup in this sweep: `JointFlashbackAdaptation` read the latent pool's
-  hidden size from `model.model` as a path, which is a model *name* here; fixed in `callbacks/jfa.py` (it now uses
-  the folder the module resolved). *MSSR* was not run for lack of time (four jobs shared the 2-core machine; each run
-  took 12-31 minutes instead of about 6). *ProxyMix* had not landed when the sweep ran; the runner adds it
-  automatically once `lightning_cit.callbacks.ProxyMix` and `configs/proxymix/*.yaml` exist.
-  `python benchmarks/real_sequence.py --size sweep --seeds 0` completes the missing rows (finished runs are reused).
-- **Costs.** Wall times are for one thread while three other agents' jobs ran on the same 2 cores (load 5-10), so
-  they compare badly across rows: OPR's 31 minutes include its rollouts *and* the busiest hour of the machine.
+- **MSSR is No replay plus a sample or two.** Its replay ratio (`configs/mssr.yaml`: λ(t) from 4% down to 1%, Eq.9)
+  of a batch of 4 is about 0.15 samples per batch; its losses differ from No replay's only in the third decimal on
+  `gsm8k` (`sentiment` ends at 1.15 in both). Its memory-strength schedule needs far longer tasks to act.
+- **JFA keeps the most of `sentiment` among the single-adapter rows**: its eval loss ends at 0.57 (No replay 1.15,
+  Fixed ratio 20% 1.02), with 8 flashback prompts per finished task at 20% of every batch and no replayed answers,
+  the same pattern as on cit-synth (`docs/results/jfa.md`). Its first attempt in this sweep failed at setup:
+  `JointFlashbackAdaptation` read the latent pool's hidden size from `model.model` as a path, which is a model
+  *name* here; fixed in `callbacks/jfa.py` (it now uses the folder the module resolved), then rerun.
+- **Not in the table.** *ProxyMix* had not landed when the sweep ran; the runner adds it automatically once
+  `lightning_cit.callbacks.ProxyMix` and `configs/proxymix/*.yaml` exist, and
+  `python benchmarks/real_sequence.py --size sweep --seeds 0` then runs only the missing rows (finished runs are reused).
+- **Costs.** Wall times are for one thread while up to three other agents' jobs ran on the same 2 cores (load 5-10
+  for the first four rows, near 0 for JFA and MSSR), so they compare badly across rows: OPR's 31 minutes include its
+  rollouts *and* the busiest hour of the machine; JFA's 7 minutes, with its extra generation and PCGrad backward
+  passes, ran on an almost idle machine.
   Evaluation dominates: a row (30 eval samples) took about 3 minutes, the 6 training steps about 20 seconds.
   Multiple choice is the expensive part: `choose_options` re-reads the whole prompt once per option (4 x ~170 tokens
   per MMLU question), so the 10 MMLU questions of a row cost more than the 20 generated answers.
