@@ -170,7 +170,7 @@ NOTES = """## Reading the table
   `loss_bwt_gem` 0), at the price of one adapter per task. The probes match no group and are answered by the latest
   group's adapter (the official rule, `unmatched: latest`): `general_mmlu` 33 -> 50 is one question more.
 - **MSSR is No replay plus a sample or two.** Its replay ratio (`configs/mssr.yaml`: λ(t) from 4% down to 1%, Eq.9)
-  of a batch of 4 is about 0.15 samples per batch; its losses differ from No replay's only in the third decimal on
+  of a batch of 4 is about 0.15 samples per batch; its losses differ from No replay's by 0.01-0.02, on
   `gsm8k` (`sentiment` ends at 1.15 in both). Its memory-strength schedule needs far longer tasks to act.
 - **JFA keeps the most of `sentiment` among the single-adapter rows**: its eval loss ends at 0.57 (No replay 1.15,
   Fixed ratio 20% 1.02), with 8 flashback prompts per finished task at 20% of every batch and no replayed answers,
