@@ -5,8 +5,8 @@
 1. ``lightning-cit proxymix train --config configs/proxymix/train_controller.yaml`` (PPO on the proxy),
 2. ``lightning-cit proxymix train --config configs/proxymix/oracle.yaml`` (the same PPO on the target: Oracle Target RL),
 3. every method on the target (``configs/proxymix/transfer.yaml`` with the controller swapped), per seed,
-4. the proxy without replay (``configs/proxymix/proxy.yaml``), per seed, for the mirroring check against the
-   target without replay (``lightning-cit proxymix mirror``),
+4. the proxy under No Replay and Random 10% (``configs/proxymix/proxy.yaml``), per seed, for the mirroring check
+   against the target under the same controllers (``lightning-cit proxymix mirror``),
 5. ``docs/results/proxymix.{md,json}``.
 
 Every step is resumable: finished trainings and runs are reused.
@@ -48,6 +48,7 @@ METHODS = {
                                               "init_args": {"policy_path": str(REPO / PROXY_POLICY)}},
     "Oracle Target RL": {"class_path": "lightning_cit.callbacks.ProxyMixController", "init_args": {"policy_path": str(REPO / ORACLE_POLICY)}},
 }
+MIRRORED = ["No Replay", "Random 10%"]  # controllers run on both models for the mirroring check
 COLUMNS = [("AA", "acc"), ("FGT", "fgt_proxymix"), ("NTA", "nta"), ("BWT", "bwt_gem"), ("SS", "safety_score")]
 
 
@@ -84,7 +85,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda j: run_one(j[0], j[1], runs, args.threads, str(REPO / TRANSFER), METHODS), jobs))
     proxy_runs = REPO / "runs" / "proxymix" / "proxy-sweep"
-    proxy_results = [run_one("No Replay", s, proxy_runs, args.threads, str(REPO / PROXY), METHODS) for s in args.seeds]
+    proxy_results = {m: [run_one(m, s, proxy_runs, args.threads, str(REPO / PROXY), METHODS) for s in args.seeds] for m in MIRRORED}
 
     by_method: dict[str, list[dict]] = {}
     for (method, _), scores in zip(jobs, results):
@@ -99,13 +100,15 @@ def main() -> None:
         row["matrices"] = [s["matrix"] for s in scores_list]
         rows.append(row)
 
-    # forgetting mirroring: vulnerability without replay, proxy vs target, averaged over seeds
+    # forgetting mirroring: vulnerability per task, proxy vs target under the same controller, averaged over seeds
     tasks = results[0]["tasks"][:-1]
-    phi_proxy = [sum(vulnerability(s)[t] for s in proxy_results) / len(proxy_results) for t in tasks]
-    phi_target = [sum(vulnerability(s)[t] for s in by_method["No Replay"]) / len(by_method["No Replay"]) for t in tasks]
-    rho = spearman(phi_proxy, phi_target)
-    low, high, usable = bootstrap_interval(phi_proxy, phi_target, 2000, 0)
-    mirror = {"tasks": tasks, "phi_proxy": phi_proxy, "phi_target": phi_target, "spearman_rho": rho, "ci95": [low, high], "usable_resamples": usable}
+    mirror = {}
+    for method in MIRRORED:
+        phi_proxy = [sum(vulnerability(s)[t] for s in proxy_results[method]) / len(args.seeds) for t in tasks]
+        phi_target = [sum(vulnerability(s)[t] for s in by_method[method]) / len(args.seeds) for t in tasks]
+        low, high, usable = bootstrap_interval(phi_proxy, phi_target, 2000, 0)
+        mirror[method] = {"tasks": tasks, "phi_proxy": phi_proxy, "phi_target": phi_target, "spearman_rho": spearman(phi_proxy, phi_target),
+                          "ci95": [low, high], "usable_resamples": usable}
 
     def cost(history: dict) -> dict:
         episodes = history["episodes"]
@@ -141,13 +144,13 @@ def main() -> None:
         lines.append(f"| {row['method']} | " + " | ".join(f"{row[k]:.1f} ± {row[k + '_se']:.1f}" for _, k in COLUMNS) + " |")
     lines += [
         "",
-        "## Forgetting mirroring (Eq.1, No Replay, mean over seeds)",
+        "## Forgetting mirroring (Eq.1, φ_i = (A_i(i) − A_i(T)) / A_i(i), mean over seeds; proxy and target under the same controller)",
         "",
-        "| task | φ proxy | φ target |",
-        "|---|---|---|",
-        *[f"| {t} | {a:.3f} | {b:.3f} |" for t, a, b in zip(tasks, phi_proxy, phi_target)],
-        "",
-        f"Spearman ρ = {rho:.3f}, bootstrap 95% interval [{low:.3f}, {high:.3f}] over {len(tasks)} tasks ({usable}/2000 resamples usable).",
+        "| controller | " + " | ".join(f"φ {t} proxy / target" for t in tasks) + " | Spearman ρ | bootstrap 95% |",
+        "|---|" + "---|" * (len(tasks) + 2),
+        *[f"| {m} | " + " | ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(r["phi_proxy"], r["phi_target"]))
+          + f" | {r['spearman_rho']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['usable_resamples']}/2000 usable) |"
+          for m, r in mirror.items()],
         "",
         "## Policy-learning cost",
         "",

@@ -454,7 +454,9 @@ def _hidden_size(pl_module: Any) -> int:
 
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(os.path.expanduser(pl_module.model_name), local_files_only=True).hidden_size)
+    # a named model (e.g. smollm2-135m-instruct) lives in the folder the module resolved it to
+    path = getattr(pl_module, "model_dir", None) or os.path.expanduser(pl_module.model_name)
+    return int(AutoConfig.from_pretrained(path, local_files_only=True).hidden_size)
 
 
 __all__ = ["DIVERGENCES", "REFERENCES", "JointFlashbackAdaptation", "LatentTaskPool", "divergence", "ngram_embeddings", "pcgrad"]

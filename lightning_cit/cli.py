@@ -19,12 +19,16 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_cit.errors import ConfigError
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare-base": "lightning_cit.base:main",
+    "proxymix": "lightning_cit.proxymix:main",
+    "convert-gguf": "lightning_cit.named_models:main",
+    "report": "lightning_cit.report:main",
 }
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -33,6 +37,31 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
 }
+
+
+def checkpoint_error(path: Any, err: BaseException) -> ConfigError:
+    """A checkpoint that does not load (damaged, truncated, or holding more than tensors and plain values) as one line."""
+    if isinstance(err, FileNotFoundError):
+        return ConfigError(f"checkpoint {str(path)!r} does not exist")
+    paragraphs = [part.strip() for part in str(err).split("\n\n") if part.strip()]
+    if len(paragraphs) > 1 and paragraphs[0].startswith("Weights only load failed"):
+        paragraphs = paragraphs[1:]  # torch's boilerplate; the next paragraph names the global it refused
+    reason = paragraphs[0].splitlines()[0] if paragraphs else "the file is empty or truncated"
+    return ConfigError(
+        f"cannot load checkpoint {str(path)!r} ({type(err).__name__}: {reason[:200]}). Checkpoints load with "
+        "torch.load(weights_only=True), tensors and plain Python values only: this file is damaged, truncated, or was not "
+        "written by lightning-cit. Load only checkpoints you made."
+    )
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, always ``weights_only=True``; a file that does not load is a :class:`ConfigError`."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location or (lambda storage, loc: storage), weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch/pickle/zip raise many types for a bad file
+            raise checkpoint_error(path, err) from None
 
 
 class CITCLI(LightningCLI):
@@ -62,6 +91,8 @@ class CITCLI(LightningCLI):
             # during fit the ForgettingEvaluator scores every task; the validate loop is for `lightning-cit validate`
             config["limit_val_batches"] = 0
         trainer = super()._instantiate_trainer(config, callbacks)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own checkpoint IO is left alone
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
         for callback in trainer.checkpoint_callbacks:
             # a fixed directory, so that `--ckpt_path last` finds last.ckpt from a later invocation of the same run
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
@@ -72,6 +103,13 @@ class CITCLI(LightningCLI):
                     "skips that task's end (score row, buffers). Use lightning_cit.callbacks.TaskCheckpoint instead."
                 )
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads hyperparameters from a --ckpt_path file (weights_only=True) before anything else
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:  # noqa: BLE001 - as in SafeCheckpointIO
+            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err) from None
 
     def before_fit(self) -> None:
         # read every task file now, so malformed data fails before any model is built or file written
@@ -153,10 +191,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _find_config_error(err: BaseException | None) -> ConfigError | None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):
             return err
+        if isinstance(err, MisconfigurationException):  # Lightning's own "this setting is wrong" (e.g. a callback's argument)
+            return ConfigError(str(err).strip().replace("\n", " "))
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -9,7 +9,9 @@ The model is built in :meth:`configure_model` (so strategies can shard it) from
 - any other string: a local Hugging Face checkpoint directory, loaded offline with ``from_pretrained``.
 
 ``lora`` (peft ``LoraConfig`` fields) adds LoRA adapters and freezes the base; ``quantization: nf4``
-loads the base in 4-bit NF4 through bitsandbytes (QLoRA; it runs on CPU too). With no adapter
+loads the base in 4-bit NF4 through bitsandbytes (QLoRA; it runs on CPU too; a dict sets the compute
+and storage dtypes, see :mod:`lightning_cit.quant`); ``model: random:llama3-8b`` builds an architecture
+with seeded random weights (benchmarks without downloads). With no adapter
 configured every parameter is trained.
 
 The learning rate follows a per-task schedule (linear warmup, then cosine or linear decay) that
@@ -20,6 +22,8 @@ Training steps return per-sample losses (``outputs["per_sample_loss"]`` with the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 LR_SCHEDULES = ("cosine", "linear", "constant")
 BASE_ADAPTER = "__base__"
 """What an ``adapter_router`` returns for "answer with the adapters disabled"."""
-QUANTIZATIONS = ("nf4", "fp4")
+QUANTIZATIONS = ("nf4", "fp4")  # the string shorthand; lightning_cit.quant.QUANT_FIELDS lists the dict form
 
 
 @dataclass
@@ -85,6 +89,42 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts
 
 
+def inference(method: Any) -> Any:
+    """Run a forward-only method (evaluation, probes, rollouts) the way Lightning runs its own steps.
+
+    ``torch.no_grad`` plus the trainer's precision context (autocast under ``*-mixed``): under FSDP +
+    ``bf16-mixed`` peft casts a LoRA input to the adapter's fp32 master dtype while, inside the adapter's
+    FSDP unit, the weight is bf16; autocast reconciles them as it does in ``training_step``. Under
+    ``FSDPStrategy`` the call also goes through the root FSDP module's forward (Lightning's forward
+    redirection, as for ``training_step``): a callback calling inner FSDP units first would make one of
+    them the root and break FSDP's lazy initialization, and the root's own parameters (embeddings,
+    head) are only gathered by the root's forward.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
+        trainer = self._trainer
+        if trainer is not None and _outside_fsdp_root_forward(trainer.strategy):
+            strategy = trainer.strategy
+            with torch.no_grad():  # no backward hooks from this forward
+                return strategy._forward_redirection(strategy.model, self, method.__name__, *args, **kwargs)
+        precision = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+        with torch.no_grad(), precision:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _outside_fsdp_root_forward(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(strategy, FSDPStrategy) or strategy.model is None or strategy.model is strategy.lightning_module:
+        return False
+    from torch.distributed.fsdp._common_utils import TrainingState
+
+    return strategy.model.training_state == TrainingState.IDLE
+
+
 class LossComponent:
     """A method's contribution to :meth:`ContinualLM.training_step`, registered with ``add_loss_component``.
 
@@ -107,11 +147,14 @@ class ContinualLM(pl.LightningModule):
     """A causal LM tuned on a sequence of instruction tasks.
 
     Args:
-        model: ``tiny``, ``aligned-base`` or a local Hugging Face checkpoint directory.
+        model: ``tiny``, ``aligned-base``, a named model converted once into the cache (``smollm2-135m-instruct``:
+            ``lightning-cit convert-gguf``) or a local Hugging Face checkpoint directory.
         tiny: architecture of ``tiny`` / ``aligned-base``.
         tokenizer: a local tokenizer directory; None uses the model's own (or the built-in one).
         lora: peft ``LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``); None = full fine-tuning.
-        quantization: ``nf4`` or ``fp4`` loads the base in 4-bit with bitsandbytes (needs ``lora``); None = no quantization.
+        quantization: ``nf4`` or ``fp4`` loads the base in 4-bit with bitsandbytes (needs ``lora``); a dict
+            ``{quant_type, compute_dtype, quant_storage, double_quant}`` sets every field (``quant_storage: bfloat16``
+            for FSDP); None = no quantization.
         learning_rate: peak learning rate of every task.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup at the start of every task (optimizer steps).
@@ -120,6 +163,8 @@ class ContinualLM(pl.LightningModule):
         reset_optimizer_state: clear AdamW's moments at each task start.
         eval_batch_size: prompts per generation / scoring batch during evaluation.
         base_cache_dir: where ``aligned-base`` is cached (default ``$LIGHTNING_CIT_CACHE`` or ``~/.cache/lightning-cit``).
+        gradient_checkpointing: recompute each decoder layer's activations in the backward (Hugging Face's
+            reentrant checkpointing; +~45% FLOPs for LoRA, far less activation memory).
     """
 
     def __init__(
@@ -128,7 +173,7 @@ class ContinualLM(pl.LightningModule):
         tiny: TinyLlama | None = None,
         tokenizer: str | None = None,
         lora: dict[str, Any] | None = None,
-        quantization: str | None = None,
+        quantization: str | dict[str, Any] | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 20,
@@ -137,23 +182,36 @@ class ContinualLM(pl.LightningModule):
         reset_optimizer_state: bool = False,
         eval_batch_size: int = 64,
         base_cache_dir: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"model.lr_schedule={lr_schedule!r} is unknown; valid: {', '.join(LR_SCHEDULES)}")
-        if quantization is not None and quantization not in QUANTIZATIONS:
-            raise ConfigError(f"model.quantization={quantization!r} is unknown; valid: {', '.join(QUANTIZATIONS)} or null")
+        _check_settings(learning_rate, weight_decay, warmup_steps, min_lr_ratio, eval_batch_size, tiny)
+        from lightning_cit.quant import is_random, quantization_spec, random_architecture
+
+        quant_spec = quantization_spec(quantization)  # ConfigError naming the field and the valid choices
+        if is_random(model):
+            random_architecture(model)  # an unknown preset or missing config.json fails before training
         if quantization is not None and not lora:
             raise ConfigError("model.quantization needs model.lora: a 4-bit base is frozen, only adapters train")
         if lora is not None:
             _check_lora_fields(lora)
-        if model not in ("tiny", "aligned-base") and not os.path.isdir(os.path.expanduser(model)):
-            raise ConfigError(f"model.model={model!r} is neither 'tiny', 'aligned-base' nor an existing local checkpoint directory")
+        from lightning_cit.named_models import NAMED_MODELS, resolve_named_model
+
+        # a named model (e.g. smollm2-135m-instruct) is a cached folder made once by `lightning-cit convert-gguf`
+        self.model_dir = resolve_named_model(model, base_cache_dir) if model in NAMED_MODELS else None
+        if model not in ("tiny", "aligned-base") and self.model_dir is None and not is_random(model) and not os.path.isdir(os.path.expanduser(model)):
+            raise ConfigError(
+                f"model.model={model!r} is neither 'tiny', 'aligned-base', a named model ({', '.join(NAMED_MODELS)}) "
+                "nor an existing local checkpoint directory"
+            )
         self.save_hyperparameters()
         self.model_name = model
         self.tiny = tiny or TinyLlama()
         self.lora = lora
-        self.quantization = quantization
+        self.quantization = quant_spec
+        self.gradient_checkpointing = gradient_checkpointing
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
@@ -171,22 +229,25 @@ class ContinualLM(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------- building
     def _checkpoint_dir(self) -> str | None:
+        """The base's source: None for ``tiny``, a directory, or ``random:<architecture>``."""
         if self.model_name == "tiny":
             return None
+        if self.model_name.startswith("random:"):
+            return self.model_name
         if self.model_name == "aligned-base":
             from lightning_cit.base import ensure_aligned_base
 
             return ensure_aligned_base(self.tiny, cache_dir=self.base_cache_dir)
-        return os.path.expanduser(self.model_name)
+        return self.model_dir or os.path.expanduser(self.model_name)
 
     def _load_tokenizer(self, tokenizer: str | None) -> Any:
-        if tokenizer is None and self.model_name in ("tiny", "aligned-base"):
+        if tokenizer is None and (self.model_name in ("tiny", "aligned-base") or self.model_name.startswith("random:")):
             from lightning_cit.synth import build_char_tokenizer
 
             return build_char_tokenizer()  # the aligned base is saved with this same tokenizer
         from transformers import AutoTokenizer
 
-        source = os.path.expanduser(tokenizer or self.model_name)
+        source = os.path.expanduser(tokenizer or self.model_dir or self.model_name)
         loaded = AutoTokenizer.from_pretrained(source, local_files_only=True)
         if loaded.pad_token is None:
             loaded.pad_token = loaded.eos_token
@@ -199,24 +260,22 @@ class ContinualLM(pl.LightningModule):
         if path is None:
             model = build_tiny_llama(self.tokenizer, self.tiny)
         else:
-            from transformers import AutoModelForCausalLM
+            from lightning_cit.quant import check_storage_matches_precision, load_causal_lm
 
-            kwargs: dict[str, Any] = {"local_files_only": True}
-            if self.quantization:
-                from transformers import BitsAndBytesConfig
-
-                kwargs["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type=self.quantization,
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16,
-                )
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            trainer = self._trainer
+            check_storage_matches_precision(self.quantization, trainer)
+            # quantize straight onto this rank's GPU (outside a trainer: the module's device); on CPU load on the host
+            model = load_causal_lm(path, self.quantization, trainer.strategy.root_device if trainer is not None else self.device)
+        if self.gradient_checkpointing:
+            # reentrant (as fsdp_qlora recommends with bitsandbytes); transformers also makes the frozen embeddings'
+            # output require grad, which reentrant checkpointing needs. Non-reentrant checkpointing was tried: under
+            # FSDP (use_orig_params) it leaves the frozen layer units' norms unregistered and full state dicts fail.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if self.lora:
-            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+            from peft import LoraConfig, get_peft_model
 
-            if self.quantization:
-                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            # no prepare_model_for_kbit_training: its fp32 upcast of norms/embeddings would put two dtypes
+            # into one FSDP flat parameter and add ~2 GB for an 8B model; peft freezes the base itself
             config = LoraConfig(task_type="CAUSAL_LM", **self.lora)
             model = get_peft_model(model, config)
         self.model = model
@@ -260,6 +319,16 @@ class ContinualLM(pl.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision plugin refuses norm clipping; FSDP's own clip_grad_norm_ computes
+            # the norm over all shards (the Lightning docs' recipe)
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _task_bounds(self, step: int) -> tuple[int, int]:
         """(step within its task, steps of that task) for a global optimizer step."""
@@ -350,7 +419,7 @@ class ContinualLM(pl.LightningModule):
         losses = self.sample_losses(samples, max_length)
         return float(sum(losses) / max(1, len(losses)))
 
-    @torch.no_grad()
+    @inference
     def sample_losses(self, samples: list[dict], max_length: int = 256) -> list[float]:
         """Teacher-forced loss of each sample (token mean over its response)."""
         collate = Collator(self.tokenizer, max_length, [])
@@ -362,7 +431,7 @@ class ContinualLM(pl.LightningModule):
             out.extend(losses.tolist())
         return out
 
-    @torch.no_grad()
+    @inference
     def generate_answers(self, samples: list[dict], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
         """Answers to each sample's prompt, batched with left padding (KV cache on).
 
@@ -386,7 +455,7 @@ class ContinualLM(pl.LightningModule):
             answers.extend(self.tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True))
         return answers
 
-    @torch.no_grad()
+    @inference
     def choose_options(self, samples: list[dict]) -> list[int]:
         """Index of the option with the highest total log-likelihood as the answer to each prompt."""
         expanded = [
@@ -447,6 +516,38 @@ def _check_lora_fields(lora: dict[str, Any]) -> None:
     unknown = sorted(set(lora) - valid)
     if unknown:
         raise ConfigError(f"model.lora has unknown field(s) {unknown}; valid peft LoraConfig fields include: " + ", ".join(sorted(valid)))
+    rank = lora.get("r", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:  # peft only checks it deep inside get_peft_model
+        raise ConfigError(f"model.lora.r must be a positive integer (the adapter rank), got {rank!r}")
+    try:
+        LoraConfig(**lora)  # peft's own field checks now, not inside configure_model
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.lora is not a valid peft LoraConfig: {str(err).splitlines()[0]}") from None
+
+
+def _check_settings(learning_rate: Any, weight_decay: Any, warmup_steps: Any, min_lr_ratio: Any, eval_batch_size: Any,
+                    tiny: TinyLlama | None) -> None:
+    """Optimizer, schedule, evaluation and tiny-shape settings, checked before anything is built."""
+    import math
+
+    if not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ConfigError(f"model.learning_rate must be a positive number, got {learning_rate!r}")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"model.weight_decay must be >= 0, got {weight_decay!r}")
+    if not isinstance(min_lr_ratio, (int, float)) or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(f"model.min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}")
+    for name, value, low in (("warmup_steps", warmup_steps, 0), ("eval_batch_size", eval_batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"model.{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(tiny, TinyLlama):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+            value = getattr(tiny, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.tiny.{name} must be a positive integer, got {value!r}")
+        if tiny.hidden_size % tiny.num_attention_heads:
+            raise ConfigError(
+                f"model.tiny.hidden_size={tiny.hidden_size} must be a multiple of model.tiny.num_attention_heads={tiny.num_attention_heads}"
+            )
 
 
 __all__ = ["ContinualLM", "LossComponent", "TinyLlama", "build_tiny_llama", "per_sample_loss"]
