@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from cit_synth import mean_se, run_one
 
 from lightning_cit.ppo import load_policy
-from lightning_cit.proxymix import bootstrap_interval, spearman, vulnerability
+from lightning_cit.proxymix import bootstrap_interval, mean_vulnerability_of, spearman
 from lightning_cit.results import atomic_write_json, atomic_write_text
 
 TRANSFER = "configs/proxymix/transfer.yaml"
@@ -104,8 +104,8 @@ def main() -> None:
     tasks = results[0]["tasks"][:-1]
     mirror = {}
     for method in MIRRORED:
-        phi_proxy = [sum(vulnerability(s)[t] for s in proxy_results[method]) / len(args.seeds) for t in tasks]
-        phi_target = [sum(vulnerability(s)[t] for s in by_method[method]) / len(args.seeds) for t in tasks]
+        proxy_phi, target_phi = mean_vulnerability_of(proxy_results[method]), mean_vulnerability_of(by_method[method])
+        phi_proxy, phi_target = [proxy_phi[t] for t in tasks], [target_phi[t] for t in tasks]
         low, high, usable = bootstrap_interval(phi_proxy, phi_target, 2000, 0)
         mirror[method] = {"tasks": tasks, "phi_proxy": phi_proxy, "phi_target": phi_target, "spearman_rho": spearman(phi_proxy, phi_target),
                           "ci95": [low, high], "usable_resamples": usable}

@@ -266,8 +266,13 @@ def mean_vulnerability(arg: str) -> tuple[dict[str, float], int]:
     for scores in runs[1:]:
         if scores["tasks"] != tasks:
             raise ConfigError(f"{arg!r}: the scores files have different task sequences ({tasks} vs {scores['tasks']})")
+    return mean_vulnerability_of(runs), len(runs)
+
+
+def mean_vulnerability_of(runs: list[dict]) -> dict[str, float]:
+    """φ per task (:func:`vulnerability`) averaged over runs of the same sequence (e.g. seeds)."""
     phis = [vulnerability(s) for s in runs]
-    return {t: sum(p[t] for p in phis) / len(phis) for t in phis[0]}, len(runs)
+    return {t: sum(p[t] for p in phis) / len(phis) for t in phis[0]}
 
 
 def spearman(x: list[float], y: list[float]) -> float:

@@ -40,7 +40,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lightning_cit.errors import ConfigError
@@ -125,17 +125,26 @@ def gsm8k_final_answer(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
-def gsm8k_records(lines: Iterable[str], where: str) -> list[dict]:
+def _jsonl_records(lines: Iterable[str], where: str, convert: Callable[[dict], dict | None], what: str) -> list[dict]:
+    """``convert`` applied to every non-blank JSON line (None: skip the row); a bad line is a ConfigError naming ``where:line``."""
     records = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            records.append({"prompt": f"{GSM8K_INSTRUCTION}\n\n{row['question'].strip()}", "response": gsm8k_final_answer(row["answer"])})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{where}:{lineno}: not a GSM8K record with 'question' and 'answer' ending in '#### N' ({err})") from None
+            record = convert(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"{where}:{lineno}: not {what} ({err})") from None
+        if record is not None:
+            records.append(record)
     return records
+
+
+def gsm8k_records(lines: Iterable[str], where: str) -> list[dict]:
+    def convert(row: dict) -> dict:
+        return {"prompt": f"{GSM8K_INSTRUCTION}\n\n{row['question'].strip()}", "response": gsm8k_final_answer(row["answer"])}
+
+    return _jsonl_records(lines, where, convert, "a GSM8K record with 'question' and 'answer' ending in '#### N'")
 
 
 def gsm8k(split: str, n: int, seed: int) -> list[dict]:
@@ -159,20 +168,14 @@ def mmlu_record(row: dict) -> dict | None:
 
 def mmlu_records(lines: Iterable[str], subjects: Iterable[str], where: str, max_chars: int | None = None) -> list[dict]:
     wanted = set(subjects)
-    records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if row.get("topic") not in wanted:
-                continue
-            record = mmlu_record(row)
-        except (json.JSONDecodeError, KeyError, AttributeError) as err:
-            raise ConfigError(f"{where}:{lineno}: not an MMLU record with question, answer_a..d, correct_answer, topic ({err})") from None
-        if record is not None and (max_chars is None or len(record["prompt"]) <= max_chars):
-            records.append(record)
-    return records
+
+    def convert(row: dict) -> dict | None:
+        if row.get("topic") not in wanted:
+            return None
+        record = mmlu_record(row)
+        return record if record is not None and (max_chars is None or len(record["prompt"]) <= max_chars) else None
+
+    return _jsonl_records(lines, where, convert, "an MMLU record with question, answer_a..d, correct_answer, topic")
 
 
 def mmlu(subjects: Iterable[str], split: str, n: int, seed: int, name: str = "mmlu", max_chars: int | None = MMLU_MAX_PROMPT_CHARS) -> list[dict]:
