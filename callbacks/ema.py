@@ -6,9 +6,10 @@ decay. Here the average covers only the parameters that train (the LoRA weights 
 trainable parameter otherwise), lives next to them on the same device and shard, and is updated with
 ``torch._foreach_*`` kernels: under FSDP every rank averages its own shard, nothing is gathered.
 
-Per task (one epoch = one task in lightning-cit; any epoch-structured module works the same):
+Per task (task boundaries come from the module's task clock, :class:`lightning_cit.contract.TaskClock`:
+one fit per task, one fit with epoch = task, or several epochs per task all work the same):
 
-1. at the first batch of a task the average restarts from the live weights (``reset_at_task_start``),
+1. at the start of a task the average restarts from the live weights (``reset_at_task_start``),
    as in the official LCIA code where every task is a fresh process: θ*_0 = the previous task's weights;
 2. after every optimizer step (``should_update`` decides) θ* ← (1 − w)·θ* + w·θ, tensor by tensor,
    where w, the weight on the *new* parameters, is ``1 − decay`` here and LCIA's dynamic weight in
@@ -18,8 +19,9 @@ Per task (one epoch = one task in lightning-cit; any epoch-structured module wor
    ``WeightAveraging`` the average is also swapped in for validation and testing and copied into
    the model when training ends.
 
-Put it *before* :class:`~lightning_cit.callbacks.ForgettingEvaluator` in ``trainer.callbacks`` so the
-task-end scores are those of the averaged weights (``setup`` raises otherwise).
+Put it *before* :class:`~lightning_cit.callbacks.ForgettingEvaluator`, ``OnPolicyReplay`` and
+``JointFlashbackAdaptation`` (and after ``InstructionGrouping``) in ``trainer.callbacks`` so the task-end
+scores, rollouts and snapshots are those of the averaged weights (the contract's order check raises otherwise).
 
 Checkpoint layout (``state_dict``): ``ema`` ({parameter name: tensor}), ``latest_update_step`` (int),
 ``task`` (task index of the state), ``active`` (bool: averaging in this task), ``tracked`` (the names of
@@ -36,16 +38,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_cit.contract import ContinualCallback, ContractError, Needs
 from lightning_cit.errors import ConfigError
 
 WHEN = ("always", "after_first_task", "reused_group")
 RULES = ("code", "paper")
 
 
-class AdapterEMA(Callback):
+class AdapterEMA(ContinualCallback):
     """Exponential moving average of the trainable parameters with a fixed weight (see module docstring).
 
     Args:
@@ -86,6 +88,9 @@ class AdapterEMA(Callback):
         self._grouping: Any = None
         self._swapped = False
 
+    needs = Needs()
+    roles = ("average",)
+
     # ------------------------------------------------------------------------- override points
     def should_update(self, step_idx: int, task_index: int) -> bool:
         """Whether to update after optimizer step ``step_idx`` (zero-based) of task ``task_index``."""
@@ -97,28 +102,21 @@ class AdapterEMA(Callback):
 
     # ------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_cit.callbacks.forgetting import ForgettingEvaluator
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.when == "reused_group":
+            self._grouping = pl_module.continual.service("instruction_groups")
+            if self._grouping is None:
+                raise ContractError(f"{type(self).__name__}(when='reused_group') needs an InstructionGrouping callback before it in trainer.callbacks")
 
-        order = [type(c) for c in trainer.callbacks]
-        evaluators = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, ForgettingEvaluator)]
-        if self.copy_at_task_end and evaluators and evaluators[0] < trainer.callbacks.index(self):
-            raise ConfigError(
-                f"{type(self).__name__} must come before ForgettingEvaluator in trainer.callbacks so the task-end scores "
-                f"see the averaged weights (order now: {', '.join(t.__name__ for t in order)})"
-            )
-        if self.when == "reused_group":
-            from lightning_cit.callbacks.grouping import InstructionGrouping
-
-            groupings = [c for c in trainer.callbacks if isinstance(c, InstructionGrouping)]
-            if not groupings:
-                raise ConfigError(f"{type(self).__name__}(when='reused_group') needs an InstructionGrouping callback in trainer.callbacks")
-            self._grouping = groupings[0]
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self._latest_update_step = trainer.global_step  # a new fit (one fit per task) restarts the trainer's step count
+        self._start_task(pl_module, task)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        task = trainer.current_epoch
-        if batch_idx == 0 and self.task != task:  # a fresh task start (a mid-task resume starts at batch_idx > 0)
-            self._start_task(pl_module, task)
-        elif self._tracked is None:  # resumed mid-task: the averages and the tracked names came from the checkpoint
+        self._ensure_tracked(pl_module)
+
+    def _ensure_tracked(self, pl_module: pl.LightningModule) -> None:
+        if self._tracked is None:  # resumed mid-task: the averages and the tracked names came from the checkpoint
             params = dict(pl_module.named_parameters())
             self._tracked = [(n, params[n]) for n in self._tracked_names]
 
@@ -127,14 +125,16 @@ class AdapterEMA(Callback):
         if trainer.global_step <= self._latest_update_step:  # no optimizer step in this batch (accumulation)
             return
         self._latest_update_step = trainer.global_step
-        if self.active and self.should_update(step_idx, trainer.current_epoch):
+        if self.active and self.should_update(step_idx, self.task):
             self._update(trainer)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        self._ensure_tracked(pl_module)  # a resume from a checkpoint of the task's last step replays only its end
         if self.copy_at_task_end and self.active:
             self._copy_into_model()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if self.active and not self.copy_at_task_end:
             self._copy_into_model()
 
@@ -170,10 +170,10 @@ class AdapterEMA(Callback):
             for name, param in self._tracked:
                 if self.reset_at_task_start or name not in self.ema:
                     self.ema[name] = param.detach().clone()
-        self.on_task_start(task)
+        self.on_average_start(task)
         rank_zero_info(f"{type(self).__name__}: task {task} {'averages' if self.active else 'trains plainly (no average)'} {len(self._tracked)} tensors")
 
-    def on_task_start(self, task: int) -> None:
+    def on_average_start(self, task: int) -> None:
         """Subclass hook: clear per-task state (called after the average restarted)."""
 
     def _lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -214,6 +214,7 @@ class AdapterEMA(Callback):
             "task": self.task,
             "active": self.active,
             "tracked": [n for n, _ in self._tracked or []],
+            "task_events": self.task_events(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -223,6 +224,7 @@ class AdapterEMA(Callback):
         self.active = bool(state_dict["active"])
         self._tracked_names = list(state_dict.get("tracked", []))
         self._tracked = None
+        self.load_task_events(state_dict)
 
 
 class DynamicEMA(AdapterEMA):
@@ -282,7 +284,7 @@ class DynamicEMA(AdapterEMA):
         self.stats = {"updates": 0, "fallbacks": 0.0, "weight_sum": 0.0}
         self.last_weights: torch.Tensor | None = None
 
-    def on_task_start(self, task: int) -> None:
+    def on_average_start(self, task: int) -> None:
         # the official code starts every task in a fresh process: no previous gradient carries over
         self.prev_grad, self.prev_param = {}, {}
 

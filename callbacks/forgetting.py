@@ -10,17 +10,20 @@ Every ``probe_every_n_steps`` optimizer steps it runs a cheap loss-only probe of
 far (their ``probe`` split), logs ``probe/loss/<task>`` and keeps the values as the signals that
 mixture controllers read (:meth:`latest_probe_losses`).
 
-Any Lightning project can use it: the module must implement ``evaluate_samples(samples, metric,
-max_new_tokens) -> {"scores", "losses", ...}`` and ``probe_loss(samples) -> float``, and the tasks come
-from ``trainer.datamodule.evaluation_tasks()`` or from ``tasks=`` given to the constructor (a list
-of :class:`~lightning_cit.tasks.TaskData`). One epoch is one task. Under DDP each rank scores a
-disjoint share of the samples and the sums are all-reduced; rank 0 writes the files.
+Any Lightning project can use it through the contract (:mod:`lightning_cit.contract`): the module
+inherits ``ContinualModule`` (``evaluate_samples``, ``sample_losses``), and the tasks come from
+``trainer.datamodule.evaluation_tasks()`` or from ``tasks=`` given to the constructor (a list of
+:class:`~lightning_cit.tasks.TaskData`, e.g. :func:`~lightning_cit.tasks.task_from_records`). Task
+boundaries come from the module's task clock (one fit per task, or epoch = task). Under DDP/FSDP
+each rank scores an equal-sized share of the samples (short shards padded with a repeat whose result
+is dropped, so every rank runs the same forwards and ``generate`` runs in lockstep) and the sums are
+all-reduced; rank 0 writes the files. It provides the ``probes`` service that loss-reading controllers use.
 
 Checkpoint layout (``state_dict``): ``rows`` (row names), ``matrix``/``loss_matrix`` (one list per
 row), ``eval_only`` (probe-only tasks), ``safety`` counts per row and ``probe`` (latest probe losses).
 
-Other callbacks add to ``scores.json`` by defining ``scores_section() -> dict``: it is written under
-``methods.<CallbackClassName>`` with every row.
+Other callbacks add to ``scores.json`` by registering a section with the module
+(``pl_module.continual.register_scores_section(name, fn)``): it is written under ``methods.<name>`` with every row.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_cit.contract import ContinualCallback, Needs, ShardPlan
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import summarize
 from lightning_cit.results import atomic_write_json, atomic_write_text, format_table, scores_csv, write_heatmap
@@ -46,7 +49,7 @@ def is_refusal(text: str) -> bool:
     return any(head.startswith(m) or f" {m}" in head[:20] for m in REFUSAL_MARKERS)
 
 
-class ForgettingEvaluator(Callback):
+class ForgettingEvaluator(ContinualCallback):
     """Scores every task after every task and writes ``scores.json`` (see module docstring).
 
     Args:
@@ -81,6 +84,18 @@ class ForgettingEvaluator(Callback):
         self._last_probe_step = -1
         self._fresh_probe = (-1, 0)  # (step, tasks covered) of the latest probe-split losses, if they are still the latest
 
+    roles = ("scores",)
+
+    @property
+    def needs(self) -> Needs:  # type: ignore[override]
+        data = () if self._tasks is not None else ("evaluation_tasks",)
+        return Needs(module=("evaluate_samples", "sample_losses"), data=data)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            pl_module.continual.register_service("probes", self)
+
     # ------------------------------------------------------------------------------------ tasks
     def _all_tasks(self, trainer: pl.Trainer) -> list[Any]:
         if self._tasks is not None:
@@ -99,6 +114,7 @@ class ForgettingEvaluator(Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if not self.rows:  # not when resuming: the base row is in the checkpoint
             self._evaluate_row(trainer, pl_module, "base")
 
@@ -116,20 +132,21 @@ class ForgettingEvaluator(Callback):
         split's losses into the signals, and a trend across two different sample sets is meaningless.
         Every rank must call it (the losses are all-reduced).
         """
-        if self._fresh_probe != (trainer.global_step, trainer.current_epoch + 1):
+        if self._fresh_probe != (trainer.global_step, pl_module.task_clock.task_of(trainer) + 1):
             self.probe_seen_tasks(trainer, pl_module)
 
     def probe_seen_tasks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Loss-only probe of the tasks trained so far (their probe split), kept as the controllers' signals."""
         step = trainer.global_step
         tasks = self._trained(trainer)
-        current = trainer.current_epoch
+        current = pl_module.task_clock.task_of(trainer)
         was_training = pl_module.training
         pl_module.eval()
         metrics = {}
         for j, task in enumerate(tasks[: current + 1]):
-            local = task.probe[trainer.global_rank :: trainer.world_size]
-            loss_sum = pl_module.probe_loss(local) * len(local) if local else 0.0
+            shard = ShardPlan(task.probe, trainer.world_size, trainer.global_rank)  # equal shards: every rank runs the same forwards
+            local = shard.keep(pl_module.sample_losses(shard.local)) if shard.local else []
+            loss_sum = float(sum(local))
             totals = trainer.strategy.reduce(torch.tensor([loss_sum, float(len(local))], device=pl_module.device), reduce_op="sum")
             loss = float(totals[0] / totals[1].clamp(min=1))
             self.probe[j] = (step, loss)
@@ -139,12 +156,19 @@ class ForgettingEvaluator(Callback):
             pl_module.train()
         _log(trainer, metrics)  # straight to the loggers: probes also run in hooks where self.log is not allowed
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         names = [t.spec.name for t in self._trained(trainer)]
-        if len(self.rows) == trainer.current_epoch + 1:  # base row + one row per finished task
-            self._evaluate_row(trainer, pl_module, names[trainer.current_epoch])
+        if task >= len(names):
+            raise ConfigError(f"task {task} ended but the evaluated sequence has {len(names)} trained tasks ({names}): "
+                              "the task clock and the tasks disagree (one fit per task needs the whole sequence in tasks= / evaluation_tasks())")
+        if len(self.rows) == task + 1:  # base row + one row per finished task
+            self._evaluate_row(trainer, pl_module, names[task])
+        elif len(self.rows) < task + 1:
+            raise ConfigError(f"task {task} ({names[task]!r}) ended but only {len(self.rows) - 1} earlier rows exist: "
+                              "tasks were skipped (TaskClock.begin_task jumped ahead?)")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         scores = self.scores(trainer)
         self._log_summary(trainer, scores)
         if self.print_table:
@@ -190,8 +214,15 @@ class ForgettingEvaluator(Callback):
 
     def _score_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: Any) -> tuple[float, float, dict | None]:
         world, rank = trainer.world_size, trainer.global_rank
-        local = task.eval[rank::world]
-        result = pl_module.evaluate_samples(local, task.metric, task.spec.max_new_tokens) if local else {"scores": [], "losses": [], "predictions": []}
+        shard = ShardPlan(task.eval, world, rank)  # equal shards, padded: every rank runs the same forwards and generate steps
+        synced = world > 1 and _sharded(trainer)
+        if shard.local:
+            padded = pl_module.evaluate_samples(shard.local, task.metric, task.spec.max_new_tokens, synced_gpus=synced) if synced else \
+                pl_module.evaluate_samples(shard.local, task.metric, task.spec.max_new_tokens)
+            result = {k: shard.keep(v) for k, v in padded.items()}
+        else:
+            result = {"scores": [], "losses": [], "predictions": []}
+        local = shard.local[: shard.real]
         harmful_flags = [s.get("harmful") for s in local]
         has_safety = any(s.get("harmful") is not None for s in task.eval)
         refused = [is_refusal(p) for p in result.get("predictions", [])]
@@ -232,7 +263,8 @@ class ForgettingEvaluator(Callback):
             sub = [row[:done] for row in self.matrix[: done + 1]]
             scores["summary"] = summarize(sub)
             scores["summary_over_tasks"] = done
-        sections = {type(c).__name__: c.scores_section() for c in trainer.callbacks if hasattr(c, "scores_section")}
+        module = trainer.lightning_module
+        sections = module.continual.sections() if module is not None and hasattr(module, "continual") else {}
         if sections:  # what other callbacks record about the run (e.g. instruction groups)
             scores["methods"] = sections
         if self.eval_only:
@@ -279,6 +311,7 @@ class ForgettingEvaluator(Callback):
             "probe": {int(k): [int(v[0]), float(v[1])] for k, v in self.probe.items()},
             "last_probe_step": self._last_probe_step,
             "fresh_probe": list(self._fresh_probe),
+            "task_events": self.task_events(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -290,6 +323,13 @@ class ForgettingEvaluator(Callback):
         self.probe = {int(k): (int(v[0]), float(v[1])) for k, v in state_dict.get("probe", {}).items()}
         self._last_probe_step = int(state_dict.get("last_probe_step", -1))
         self._fresh_probe = tuple(int(v) for v in state_dict.get("fresh_probe", (-1, 0)))
+        self.load_task_events(state_dict)
+
+
+def _sharded(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 @rank_zero_only

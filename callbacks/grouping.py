@@ -45,11 +45,10 @@ from functools import lru_cache
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_cit.contract import BASE_ADAPTER, DATA_TASKS, ContinualCallback, Needs
 from lightning_cit.errors import ConfigError
-from lightning_cit.module import BASE_ADAPTER
 from lightning_cit.plugins import minilm_encoder
 
 SIMILARITIES = ("tfidf", "minilm")
@@ -94,7 +93,7 @@ def tfidf_pair_cosine(u: str, v: str) -> float:
     return dot / (math.sqrt(sum(w * w for w in wu.values())) * math.sqrt(sum(w * w for w in wv.values())))
 
 
-class InstructionGrouping(Callback):
+class InstructionGrouping(ContinualCallback):
     """Reuse an adapter for similar instructions, open a new one otherwise (see module docstring).
 
     Args:
@@ -185,6 +184,9 @@ class InstructionGrouping(Callback):
                 self._route_cache[key] = self.groups[best if best is not None else -1]["adapter"]
         return self._route_cache[key]
 
+    roles = ("adapter-slots",)
+    needs = Needs(data=DATA_TASKS)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from peft import PeftModel
 
@@ -192,8 +194,15 @@ class InstructionGrouping(Callback):
         model = getattr(pl_module, "model", None)
         if not isinstance(model, PeftModel):
             raise ConfigError("InstructionGrouping needs LoRA adapters: set model.lora (the module's .model must be a peft.PeftModel)")
+        # the router answers validate/test too: registered for every stage (the contract check is for fit)
+        pl_module.continual.register_service("adapter_router", self)
+        pl_module.continual.register_service("instruction_groups", self)
+        pl_module.continual.register_scores_section(type(self).__name__, self.scores_section)
+        super().setup(trainer, pl_module, stage)
         dm = trainer.datamodule
         num_tasks = dm.num_tasks if dm is not None and hasattr(dm, "num_tasks") else int(trainer.max_epochs)
+        if any(s in model.peft_config for s in [f"group_{i}" for i in range(1, num_tasks)]) and self._slots:
+            return  # a later fit of the same sequence (one fit per task): the slots exist
         base = model.active_adapter
         self._slots = [base] + [f"group_{i}" for i in range(1, num_tasks)]
         config = model.peft_config[base]
@@ -203,7 +212,6 @@ class InstructionGrouping(Callback):
         for name, param in model.named_parameters():  # every slot joins the optimizer; set_adapter later freezes the idle ones
             if any(f".{slot}." in name for slot in self._slots):
                 param.requires_grad_(True)
-        pl_module.adapter_router = self
         from lightning.pytorch.strategies import DDPStrategy
 
         if isinstance(trainer.strategy, DDPStrategy) and not getattr(trainer.strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
@@ -229,8 +237,7 @@ class InstructionGrouping(Callback):
         self._route_cache.clear()
         return self.groups[decision["group"]]["adapter"]
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        task = trainer.current_epoch
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         dm = trainer.datamodule
         name = dm.task_names[task]
         if name not in self.decisions:
@@ -245,8 +252,9 @@ class InstructionGrouping(Callback):
         pl_module.model.set_adapter(self.groups[self.decisions[name]["group"]]["adapter"])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # Lightning skips on_train_epoch_start when it resumes mid-epoch: restore the task's adapter here
-        name = trainer.datamodule.task_names[min(trainer.current_epoch, trainer.datamodule.num_tasks - 1)]
+        name = trainer.datamodule.task_names[max(0, min(pl_module.task_clock.task_of(trainer), trainer.datamodule.num_tasks - 1))]
         if name in self.decisions:
             pl_module.model.set_adapter(self.groups[self.decisions[name]["group"]]["adapter"])
 
@@ -264,12 +272,14 @@ class InstructionGrouping(Callback):
         return {
             "groups": [{"adapter": g["adapter"], "tasks": list(g["tasks"]), "instructions": list(g["instructions"])} for g in self.groups],
             "decisions": {k: {"group": int(v["group"]), "reused": bool(v["reused"]), "similarity": [float(s) for s in v["similarity"]]} for k, v in self.decisions.items()},
+            "task_events": self.task_events(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.groups = [dict(g, tasks=list(g["tasks"]), instructions=list(g["instructions"])) for g in state_dict["groups"]]
         self.decisions = {k: dict(v) for k, v in state_dict["decisions"].items()}
         self._route_cache.clear()
+        self.load_task_events(state_dict)
 
 
 __all__ = ["InstructionGrouping", "instruction_of", "tfidf_pair_cosine"]

@@ -75,11 +75,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs
 
 from lightning_cit.collate import IGNORE_INDEX, left_padded_prompts
 from lightning_cit.errors import ConfigError
-from lightning_cit.module import LossComponent
+from lightning_cit.contract import LossComponent
 from lightning_cit.plugins import MINILM_INSTALL, import_callable, minilm_available, minilm_encoder
 
 DIVERGENCES = ("symmetric", "forward", "reverse")
@@ -193,7 +195,7 @@ class LatentTaskPool(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------ callback
-class JointFlashbackAdaptation(Callback, LossComponent):
+class JointFlashbackAdaptation(ContinualCallback, LossComponent):
     """JFA: flashback prompts + divergence to a reference, latent-task increments, PCGrad (see module doc).
 
     Args:
@@ -269,20 +271,24 @@ class JointFlashbackAdaptation(Callback, LossComponent):
         self._pending_reference: dict[str, torch.Tensor] | None = None
 
     # -------------------------------------------------------------------------------- set-up
+    roles = ("snapshot",)
+    needs = Needs(module=("add_loss_component", "register_trainable_module", "tokenizer", "model"), data=DATA_MEMORY + ("end_task",))
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not hasattr(pl_module, "add_loss_component"):
-            raise RuntimeError("JointFlashbackAdaptation needs a LightningModule with add_loss_component (lightning_cit.ContinualLM)")
+        super().setup(trainer, pl_module, stage)  # fit: the contract check, one error listing everything missing
+        # every stage: the latent pool's weights are in the checkpoint that validate/test load
         pl_module.add_loss_component(self)
-        if self.latent_tasks and not hasattr(pl_module, POOL_ATTRIBUTE):
+        if self.latent_tasks:
             # registered before configure_optimizers (so AdamW trains it) and before checkpoint restore
             pool = LatentTaskPool(self.pool_size, self.latent_rank, _hidden_size(pl_module), self.encoder_dim, self.key_chunks, self.top_k, self.seed)
-            pl_module.add_module(POOL_ATTRIBUTE, pool)
-        if stage == "fit" and not hasattr(trainer.datamodule, "buffers"):
-            raise RuntimeError("JointFlashbackAdaptation stores flashbacks in replay buffers: use ContinualInstructionDataModule")
+            pl_module.register_trainable_module(POOL_ATTRIBUTE, pool)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
-        if not _is_peft(pl_module):
+        if not _is_peft(pl_module) and (self._frozen is None or self._pending_reference is not None):
+            size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            rank_zero_warn(f"JointFlashbackAdaptation: the model has no LoRA adapters, so the reference is a frozen copy of the "
+                           f"whole model ({size:.1f} MiB); with a peft.PeftModel only the adapter tensors are kept")
             self._frozen = copy.deepcopy(model).eval().requires_grad_(False)  # before the hook: the copy has none
             if self._pending_reference is not None:
                 self._frozen.load_state_dict(self._pending_reference)
@@ -310,8 +316,8 @@ class JointFlashbackAdaptation(Callback, LossComponent):
             self._hook_handle = None
 
     # ------------------------------------------------------------------------------- flashbacks
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm, task = trainer.datamodule, trainer.current_epoch
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        dm = trainer.datamodule
         if task in self.flashback_tasks or task >= dm.num_tasks - 1:
             return  # stored already (resumed at a task end) / nothing is trained after the last task
         data = dm.train_tasks[task]
@@ -319,9 +325,9 @@ class JointFlashbackAdaptation(Callback, LossComponent):
         prompts = [data.train[i]["messages"] for i in picks]
         continuations = self._reference_generate(pl_module, prompts, self.max_new_tokens or data.spec.max_new_tokens)
         continuations = trainer.strategy.broadcast(continuations, src=0)
-        buffer = dm.end_task(task)
+        dm.end_task(task)
         entries = [{"messages": m, "response": c, "prompt_only": True} for m, c in zip(prompts, continuations)]
-        buffer.replace(list(buffer.entries) + entries)
+        dm.memory.extend(task, entries)  # through the memory, so a cached view (MSSR) sees the new version
         self.flashback_tasks.append(task)
         if self.reference == "previous_task":  # this task's end is the next task's reference
             if self._frozen is not None:
@@ -424,16 +430,18 @@ class JointFlashbackAdaptation(Callback, LossComponent):
             reference = {k: v.detach().cpu().clone() for k, v in self._frozen.state_dict().items()}
         elif self._snapshot is not None:
             reference = {k: v.detach().cpu().clone() for k, v in self._snapshot.items()}
-        return {"flashback_tasks": list(self.flashback_tasks), "reference": reference}
+        return {"flashback_tasks": list(self.flashback_tasks), "reference": reference, "task_events": self.task_events()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flashback_tasks = [int(t) for t in state_dict.get("flashback_tasks", [])]
+        self.load_task_events(state_dict)
         self._pending_reference = state_dict.get("reference")  # applied in on_fit_start, once the model exists
 
 
 # ------------------------------------------------------------------------------------ helpers
 def _is_peft(pl_module: Any) -> bool:
-    return bool(getattr(pl_module, "lora", None)) and hasattr(pl_module.model, "disable_adapter")
+    model = getattr(pl_module, "model", None)
+    return model is not None and hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

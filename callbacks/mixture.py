@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
+from lightning_cit.contract import DATA_MIXTURE, ContinualCallback, ContractError, Needs
 from lightning_cit.errors import ConfigError
 
 
@@ -54,8 +54,14 @@ class MixtureSignals:
     """Entries per accessible source (buffers of earlier tasks, then the current task's data)."""
 
 
-class MixtureController(Callback):
-    """Base class: override :meth:`decide`. ``decision_interval`` is in optimizer steps (None: once per task)."""
+class MixtureController(ContinualCallback):
+    """Base class: override :meth:`decide`. ``decision_interval`` is in optimizer steps (None: once per task).
+
+    It owns the data's mixture plan (the ``mixture`` service: a second controller in the same run is
+    refused at setup) and reads probe losses from the ``probes`` service (``ForgettingEvaluator``).
+    """
+
+    needs = Needs(data=DATA_MIXTURE)
 
     needs_probes = False
     fresh_probes = False
@@ -78,7 +84,8 @@ class MixtureController(Callback):
     @staticmethod
     def global_step_of(trainer: pl.Trainer, batch_in_task: int) -> int:
         """Global optimizer step of a batch of the current task."""
-        return trainer.datamodule.task_start_step(trainer.current_epoch) + batch_in_task // trainer.accumulate_grad_batches
+        task = trainer.lightning_module.task_clock.task_of(trainer)
+        return trainer.datamodule.task_start_step(task) + batch_in_task // trainer.accumulate_grad_batches
 
     def is_decision_batch(self, trainer: pl.Trainer, batch_in_task: int) -> bool:
         """Whether a decision applies from this batch on (besides batch 0). Default: every ``decision_interval`` steps."""
@@ -88,11 +95,11 @@ class MixtureController(Callback):
 
     # -------------------------------------------------------------------------------------- plumbing
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        pl_module.continual.register_service("mixture", self)  # one owner of the mixture plan
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "set_mixture"):
-            raise RuntimeError(f"{type(self).__name__} needs a DataModule with set_mixture() (ContinualInstructionDataModule)")
         if self.decision_interval is not None:
             interval_batches = self.decision_interval * trainer.accumulate_grad_batches
             if interval_batches < dm.draw_ahead:
@@ -100,21 +107,24 @@ class MixtureController(Callback):
                     f"{type(self).__name__}.decision_interval={self.decision_interval} steps is shorter than the "
                     f"{dm.draw_ahead} batches the loader draws ahead; use a decision_interval of at least {dm.draw_ahead}"
                 )
-        if self.needs_probes and _find_evaluator(trainer) is None:
-            raise ConfigError(f"{type(self).__name__} reads probe losses: add lightning_cit.callbacks.ForgettingEvaluator to trainer.callbacks")
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.needs_probes and pl_module.continual.service("probes") is None:  # every callback is set up by now
+            raise ContractError(f"{type(self).__name__} reads probe losses: add lightning_cit.callbacks.ForgettingEvaluator to trainer.callbacks")
+
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         self._decide_for(trainer, batch=0)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         dm = trainer.datamodule
         target = batch_idx + dm.draw_ahead
-        if target < dm.batches_for(trainer.current_epoch) and self.is_decision_batch(trainer, target):
+        if target < dm.batches_for(pl_module.task_clock.task_of(trainer)) and self.is_decision_batch(trainer, target):
             self._decide_for(trainer, batch=target)
 
     def _decide_for(self, trainer: pl.Trainer, batch: int) -> None:
         dm = trainer.datamodule
-        task = trainer.current_epoch
+        task = trainer.lightning_module.task_clock.task_of(trainer)
         if dm.has_decision(task, batch):  # already taken before a resume
             return
         evaluator = _find_evaluator(trainer)
@@ -130,7 +140,7 @@ class MixtureController(Callback):
             steps_in_task=dm.steps_for(task),
             progress=batch / batches,
             probe_losses=[loss if j <= task else None for j, loss in enumerate(losses)],
-            source_sizes=[len(dm.buffers.get(j, ())) for j in range(task)] + [len(dm.train_tasks[task].train)],
+            source_sizes=[dm.memory.size(j) for j in range(task)] + [len(dm.train_tasks[task].train)],
         )
         weights = [float(w) for w in self.decide(signals)]
         entry_weights = self.entry_weights(signals)
@@ -139,16 +149,17 @@ class MixtureController(Callback):
         self.decisions.append({"task": task, "batch": batch, "weights": weights})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decisions": list(self.decisions)}
+        return {"decisions": list(self.decisions), "task_events": self.task_events()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.decisions = list(state_dict.get("decisions", []))
+        self.load_task_events(state_dict)
 
 
 def _find_evaluator(trainer: pl.Trainer) -> Any:
-    from lightning_cit.callbacks.forgetting import ForgettingEvaluator
-
-    return next((cb for cb in trainer.callbacks if isinstance(cb, ForgettingEvaluator)), None)
+    """The registered ``probes`` service (the ForgettingEvaluator), or None."""
+    module = trainer.lightning_module
+    return module.continual.service("probes") if hasattr(module, "continual") else None
 
 
 def _only_current(signals: MixtureSignals) -> list[float]:

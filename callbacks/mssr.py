@@ -55,6 +55,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals
+from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs
 
 from lightning_cit.errors import ConfigError
 
@@ -245,9 +246,12 @@ class MSSRReplay(MixtureController):
         self.rescore_interval = rescore_interval
         self.memory = MemoryStates(alpha, gamma_d, k, c, beta_ema, (0.05, 0.95), eta_s, beta, rho, gamma_s, s_min, s_max)
         self._positions: dict[int, dict[int, int]] = {}  # task -> sample_id -> buffer position
+        self._versions: dict[int, int] = {}  # task -> the memory version _positions was built from
         self._event_steps: set[int] = set()
 
     # ------------------------------------------------------------------------------------ scheduling
+    needs = Needs(module=("sample_losses",), data=DATA_MIXTURE + ("buffer_samples", "sample_id_of"), step_outputs=("per_sample_loss",))
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
@@ -275,12 +279,19 @@ class MSSRReplay(MixtureController):
 
     # ------------------------------------------------------------------------------------ decisions
     def _sync_buffers(self, trainer: pl.Trainer) -> None:
+        """Follow the replay memory: a buffer rewritten since we cached it (its version changed) is re-indexed.
+
+        A buffer whose size changed gets fresh memory states (its entries are new samples); one rewritten
+        in place with the same size keeps them (position i is still the i-th selected sample's slot).
+        """
         dm = trainer.datamodule
-        for task, buffer in dm.buffers.items():
-            if task not in self.memory.log_m:
+        for task, buffer in dm.memory.items():
+            version = dm.memory.version(task)
+            if task not in self.memory.log_m or self.memory.log_m[task].numel() != len(buffer):
                 self.memory.add_task(task, len(buffer), step=dm.task_start_step(task + 1))
-            if task not in self._positions:
+            if self._versions.get(task) != version:
                 self._positions[task] = {dm.sample_id_of(task, entry, i): i for i, entry in enumerate(buffer.entries)}
+                self._versions[task] = version
 
     def _entry_log_weights(self, task: int, step: int) -> torch.Tensor:
         if self.sampler == "uniform":
@@ -318,7 +329,7 @@ class MSSRReplay(MixtureController):
     # ------------------------------------------------------------------------------------ reviews
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._review(trainer, outputs, batch)
-        step = trainer.global_step
+        step = pl_module.task_clock.sequence_step(trainer, trainer.datamodule)
         if self.rescore_interval and step % self.rescore_interval == 0 and step != getattr(self, "_last_rescore", -1):
             self._last_rescore = step
             self._rescore(trainer, pl_module, step)
@@ -339,8 +350,11 @@ class MSSRReplay(MixtureController):
             self.memory.rescore(task, torch.tensor(losses, dtype=torch.float64), step)
 
     def _review(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
-        if not isinstance(outputs, dict) or "per_sample_loss" not in outputs:
-            return
+        if not isinstance(outputs, dict) or "per_sample_loss" not in outputs or "sample_ids" not in outputs and "sample_ids" not in batch:
+            raise ContractError(
+                "MSSRReplay reviews replayed samples from training_step's outputs: return "
+                "ContinualModule.continual_loss(batch, logits) (it holds 'per_sample_loss') from training_step"
+            )
         tensors = torch.stack([batch["sample_ids"].double(), batch["source_ids"].double(), batch["is_replay"].double(),
                                outputs["per_sample_loss"].double()])
         if trainer.world_size > 1:  # every rank applies every rank's reviews, so memory states agree
@@ -349,7 +363,7 @@ class MSSRReplay(MixtureController):
         if not replayed.any():
             return
         self._sync_buffers(trainer)
-        step = trainer.global_step
+        step = trainer.lightning_module.task_clock.sequence_step(trainer, trainer.datamodule)
         for task in sources[replayed.bool()].long().unique().tolist():
             mask = replayed.bool() & (sources.long() == task)
             index = self._positions[task]

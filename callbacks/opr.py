@@ -54,7 +54,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs, ShardPlan
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_cit.errors import ConfigError
@@ -100,7 +100,7 @@ def select_by_score(scored: list[tuple[int, float]], n: int, keep: str = "top") 
     return [position for position, _ in sorted(scored, key=key)[:n]]
 
 
-class OnPolicyReplay(Callback):
+class OnPolicyReplay(ContinualCallback):
     """Rebuilds the replay buffers from the model's own best answers at every task end (module docstring).
 
     Args:
@@ -152,22 +152,25 @@ class OnPolicyReplay(Callback):
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------ set-up
+    roles = ("rollout",)
+
+    @property
+    def needs(self) -> Needs:  # type: ignore[override]
+        module = ("generate_answers", "choose_options", "sample_losses", "tokenizer") if self.answers == "generated" else ()
+        return Needs(module=module, data=DATA_MEMORY + ("end_task", "sample_id_of"))
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         dm = trainer.datamodule
-        if dm is None or not all(hasattr(dm, a) for a in ("buffers", "end_task", "train_tasks", "sample_id_of")):
-            raise RuntimeError("OnPolicyReplay needs ContinualInstructionDataModule (buffers, end_task, train_tasks)")
-        dm.load_tasks()
+        if hasattr(dm, "load_tasks"):
+            dm.load_tasks()
         names = dm.task_names
         for field in ("temperature", "max_new_tokens"):
             value = getattr(self, field)
             if isinstance(value, dict) and set(value) - set(names):
                 raise ConfigError(f"OnPolicyReplay.{field} names unknown task(s) {sorted(set(value) - set(names))}; valid: {', '.join(names)}")
-        if self.answers == "generated":
-            for needed in ("generate_answers", "choose_options", "sample_losses"):
-                if not hasattr(pl_module, needed):
-                    raise RuntimeError(f"OnPolicyReplay needs a module with {needed}() (lightning_cit.ContinualLM)")
 
     def _per_task(self, value: Any, task: Any, default: Any) -> Any:
         if isinstance(value, dict):
@@ -179,8 +182,7 @@ class OnPolicyReplay(Callback):
         return {int(record["task"]) for record in self.history}
 
     # ------------------------------------------------------------------------------------ the boundary
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        task = trainer.current_epoch
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
         dm = trainer.datamodule
         if task >= dm.num_tasks - 1 or task in self.done_tasks:  # nothing follows the last task; never twice
             return
@@ -221,13 +223,20 @@ class OnPolicyReplay(Callback):
         if self.answers == "gold":
             for j in range(finished + 1):
                 dm.end_task(j)
-                dm.buffers[j].replace(sorted(pools[j][:n_per]))  # references into the task's data: the gold answers
-                record["kept"].append(len(dm.buffers[j]))
+                dm.memory.replace(j, sorted(pools[j][:n_per]))  # references into the task's data: the gold answers
+                record["kept"].append(dm.memory.size(j))
             return record
         rank, world = trainer.global_rank, trainer.world_size
-        local = [(j, pools[j][r]) for j in range(finished + 1) for r in range(rank, len(pools[j]), world)] if n_per else []
+        # equal shards per task (short ones padded with a repeat whose answer is dropped): under FSDP FULL_SHARD every
+        # rank must run the same generate calls, in lockstep
+        local, real = [], []
+        for j in range(finished + 1) if n_per else ():
+            shard = ShardPlan(pools[j], world, rank)
+            local += [(j, i) for i in shard.local]
+            real += [p < shard.real for p in range(len(shard.local))]
         began = time.perf_counter()
-        scored, tokens, seconds = self.rollout(pl_module, dm, local, seed=dm.seed * 1000 + finished, rank=rank)
+        synced = world > 1 and _sharded(trainer)
+        scored, tokens, seconds = self.rollout(pl_module, dm, local, seed=dm.seed * 1000 + finished, rank=rank, real=real, synced_gpus=synced)
         gathered = _all_gather([(scored, tokens, seconds, time.perf_counter() - began)])
         results: dict[tuple[int, int], tuple[str, float]] = {}
         for part, part_tokens, part_seconds, part_total in gathered:
@@ -255,7 +264,7 @@ class OnPolicyReplay(Callback):
                     "opr_score": float(score),
                 })
             dm.end_task(j)
-            dm.buffers[j].replace(entries)
+            dm.memory.replace(j, entries)  # the memory's one way to rewrite a buffer: its version changes
             kept = [e["opr_score"] for e in entries]
             every = [s for _, s in scores]
             record["kept"].append(len(entries))
@@ -265,9 +274,12 @@ class OnPolicyReplay(Callback):
 
     @torch.no_grad()
     def rollout(
-        self, pl_module: pl.LightningModule, dm: Any, local: list[tuple[int, int]], seed: int, rank: int = 0
+        self, pl_module: pl.LightningModule, dm: Any, local: list[tuple[int, int]], seed: int, rank: int = 0,
+        real: list[bool] | None = None, synced_gpus: bool = False,
     ) -> tuple[list[tuple[int, int, str, float]], int, float]:
         """Answer and score the ``(task, index)`` prompts given: ``[(task, index, answer, score)]``, tokens, seconds.
+
+        ``real[p]`` False marks padding (shards made equal for lockstep generation): it is run, not returned.
 
         Eval mode and no gradient while generating; the module's mode is restored afterwards and
         nothing but Python strings and floats leaves this method.
@@ -281,31 +293,35 @@ class OnPolicyReplay(Callback):
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed * 100 + rank)
-                by_task: dict[int, list[int]] = {}
-                for j, index in local:
-                    by_task.setdefault(j, []).append(index)
+                flags = real if real is not None else [True] * len(local)
+                by_task: dict[int, list[tuple[int, bool]]] = {}
+                for (j, index), keep in zip(local, flags):
+                    by_task.setdefault(j, []).append((index, keep))
                 for j, indices in by_task.items():
                     task = dm.train_tasks[j]
                     for start in range(0, len(indices), batch_size):
                         chunk = indices[start : start + batch_size]
-                        samples = [task.train[i] for i in chunk]
+                        samples = [task.train[i] for i, _ in chunk]
                         began = time.perf_counter()
-                        answers = self._answer(pl_module, task, samples)
+                        answers = self._answer(pl_module, task, samples, synced_gpus)
                         if task.metric != MC_ACCURACY:
                             seconds += time.perf_counter() - began
-                            tokens += sum(len(pl_module.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+                            tokens += sum(len(pl_module.tokenizer(a, add_special_tokens=False)["input_ids"])
+                                          for a, (_, keep) in zip(answers, chunk) if keep)
                         scores = self._score(pl_module, task, samples, answers)
-                        out.extend((j, i, a, float(s)) for i, a, s in zip(chunk, answers, scores))
+                        out.extend((j, i, a, float(s)) for (i, keep), a, s in zip(chunk, answers, scores) if keep)
         finally:
             if was_training:
                 pl_module.train()
         return out, tokens, seconds
 
-    def _answer(self, pl_module: pl.LightningModule, task: Any, samples: list[dict]) -> list[str]:
+    def _answer(self, pl_module: pl.LightningModule, task: Any, samples: list[dict], synced_gpus: bool = False) -> list[str]:
         if task.metric == MC_ACCURACY:  # answered as it is scored: the most likely option
             return [str(s["options"][c]) for s, c in zip(samples, pl_module.choose_options(samples))]
         temperature = float(self._per_task(self.temperature, task, 0.1))
         max_new = int(self._per_task(self.max_new_tokens, task, task.spec.max_new_tokens))
+        if synced_gpus:
+            return pl_module.generate_answers(samples, max_new, temperature=temperature, synced_gpus=True)
         return pl_module.generate_answers(samples, max_new, temperature=temperature)
 
     def _score(self, pl_module: pl.LightningModule, task: Any, samples: list[dict], answers: list[str]) -> list[float]:
@@ -318,10 +334,17 @@ class OnPolicyReplay(Callback):
 
     # ------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(r) for r in self.history]}
+        return {"history": [dict(r) for r in self.history], "task_events": self.task_events()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state_dict.get("history", [])]
+        self.load_task_events(state_dict)
+
+
+def _sharded(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def ru_scores(metric: str, samples: list[dict], answers: list[str]) -> list[float]:

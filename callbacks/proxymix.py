@@ -167,6 +167,7 @@ class ProxyMixController(MixtureController):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        pl_module.continual.register_scores_section(type(self).__name__, self.scores_section)
         if self.policy is None:
             if self.policy_path is None:
                 raise ConfigError("ProxyMixController needs policy_path (a file from `lightning-cit proxymix train`)")
@@ -224,6 +225,7 @@ class ProxyMixController(MixtureController):
         self._evaluator = _find_evaluator(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         if self.pending is None:
             return
         # the last interval's reward: a fresh probe of every task after the final step

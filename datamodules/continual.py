@@ -1,11 +1,17 @@
 """``ContinualInstructionDataModule``: a task sequence streamed through the mixture sampler.
 
-One ``fit`` walks the whole sequence; **task index = epoch index**. The DataModule asks Lightning to
-rebuild the train dataloader at every epoch (``reload_dataloaders_every_n_epochs=1``) and builds it
-for task ``trainer.current_epoch``: a :class:`~lightning_cit.sampler.MixtureSampler` over the replay
-buffers of the earlier tasks and the current task's data, with the weights the mixture controller
-scheduled. So ``on_train_epoch_start`` / ``on_train_epoch_end`` are the task-start / task-end events,
-an end-of-epoch checkpoint is an end-of-task checkpoint, and ``--ckpt_path`` restores the task index.
+It implements the data contract (:class:`lightning_cit.contract.ContinualData`). The task it serves
+comes from the module's task clock (:class:`~lightning_cit.contract.TaskClock`): with ``TaskClock("epoch")``
+(``ContinualLM``'s default, the CLI) one ``fit`` walks the whole sequence, **task index = epoch index**,
+and Lightning rebuilds the train dataloader at every epoch (``reload_dataloaders_every_n_epochs=1``);
+with ``TaskClock("fit")`` each ``Trainer.fit`` (one epoch) trains the next task with the same DataModule.
+The loader is a :class:`~lightning_cit.sampler.MixtureSampler` over the replay buffers of the earlier
+tasks and the current task's data, with the weights the mixture controller scheduled.
+
+Tasks come from ``tasks`` (specs read from files, ``synth:`` or ``callable:`` sources) or from a
+project's own records (``datasets``: :func:`lightning_cit.tasks.task_from_records`); ``collate_fn``
+replaces the built-in chat-template collator (the batch must hold ``input_ids``, ``attention_mask``
+and ``labels``; the sample/task/source ids are added when it lacks them).
 
 Sizes are global: ``global_batch_size`` samples per optimizer step across all ranks and
 accumulation steps; the per-rank micro-batch is ``global_batch_size / (world_size *
@@ -27,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_cit.collate import Collator
 from lightning_cit.errors import ConfigError
-from lightning_cit.replay import SELECTION_POLICIES, ReplayBuffer, check_capacity, resolve_capacity, select
+from lightning_cit.replay import SELECTION_POLICIES, ReplayBuffer, ReplayMemory, check_capacity
 from lightning_cit.sampler import MixtureSampler
 from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, load_task, validate_specs
 
@@ -63,7 +69,7 @@ class _MixtureDataset(Dataset):
         source, position = key
         if source == self.task_index:
             return self.dm.sample(source, position, source_id=source, is_replay=False)
-        entry = self.dm.buffers[source].entries[position]
+        entry = self.dm.memory.get(source).entries[position]
         if isinstance(entry, dict):
             sample = dict(entry)
             sample.update(sample_id=self.dm.sample_id_of(source, entry, position), task_id=source, source_id=source, is_replay=True)
@@ -83,11 +89,14 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         max_length: tokens per training sample (prompt + response); longer samples are truncated.
         seed: seeds data splits, buffer selection and the sampler's draws.
         num_workers: DataLoader worker processes (0 draws and collates in the main process).
+        datasets: a project's own tasks instead of ``tasks`` (:class:`~lightning_cit.tasks.TaskData`, e.g. from
+            :func:`~lightning_cit.tasks.task_from_records`), in training order.
+        collate_fn: a project's own collate function (list of samples -> batch dict); default: the chat-template collator.
     """
 
     def __init__(
         self,
-        tasks: list[TaskSpec],
+        tasks: list[TaskSpec] | None = None,
         global_batch_size: int = 32,
         steps_per_task: int = 300,
         buffer_size: int | float = 0.1,
@@ -95,8 +104,17 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         max_length: int = 256,
         seed: int = 0,
         num_workers: int = 0,
+        datasets: list[TaskData] | None = None,
+        collate_fn: Any = None,
     ) -> None:
         super().__init__()
+        if (tasks is None) == (datasets is None):
+            raise ConfigError("ContinualInstructionDataModule needs exactly one of data.tasks (specs) or datasets= (TaskData)")
+        if datasets is not None:
+            bad = [type(d).__name__ for d in datasets if not isinstance(d, TaskData)]
+            if bad:
+                raise ConfigError(f"datasets= takes lightning_cit.tasks.TaskData (see task_from_records), got {bad}")
+            tasks = [d.spec for d in datasets]
         tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in tasks]
         validate_specs(tasks)
         check_capacity(buffer_size)
@@ -116,7 +134,9 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         self.tokenizer: Any = None
         self.train_tasks: list[TaskData] = []
         self.eval_only_tasks: list[TaskData] = []
-        self.buffers: dict[int, ReplayBuffer] = {}
+        self.memory = ReplayMemory(buffer_size, buffer_policy, seed)
+        self._datasets = list(datasets) if datasets is not None else None
+        self._user_collate = collate_fn
         self.schedule: dict[int, dict[int, list[float]]] = {}
         self.entry_schedule: dict[int, dict[int, dict[int, list[float]]]] = {}
         self._resume_position: tuple[int, int] | None = None
@@ -141,7 +161,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         """Read and validate every task's data (idempotent; raises ``TaskDataError`` with a precise message)."""
         if self.train_tasks:
             return
-        loaded = [load_task(spec, seed=self.seed) for spec in self.specs]
+        loaded = self._datasets if self._datasets is not None else [load_task(spec, seed=self.seed) for spec in self.specs]
         self.train_tasks = [t for t in loaded if t.spec.train]
         self.eval_only_tasks = [t for t in loaded if not t.spec.train]
         sizes = [len(t.train) for t in self.train_tasks]
@@ -157,8 +177,42 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         if stage == "fit" and self.trainer is not None:
             self._check_trainer()
 
+    @property
+    def buffers(self) -> dict[int, ReplayBuffer]:
+        """Read-only view of the replay memory's buffers (change them through :attr:`memory`)."""
+        return dict(self.memory.buffers)
+
+    def _clock(self) -> Any:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "task_clock", None)
+
+    def current_task(self, starting: bool = False) -> int:
+        """The task being trained, from the module's task clock (``trainer.current_epoch`` without one).
+
+        ``starting``: called while a fit builds its loader, before ``on_train_start``: start the clock's fit
+        (idempotent) so a new fit of the ``fit`` style moves to its task first.
+        """
+        clock = self._clock()
+        if clock is None:
+            return int(self.trainer.current_epoch)
+        if starting:
+            clock.start_fit(self.trainer)
+        return clock.task_of(self.trainer)
+
     def _check_trainer(self) -> None:
         trainer = self.trainer
+        clock = self._clock()
+        if clock is not None and clock.style == "fit":
+            if trainer.max_epochs != 1:
+                raise ConfigError(
+                    f"with TaskClock('fit') each fit trains one task for steps_per_task steps in one epoch: set Trainer(max_epochs=1), "
+                    f"got max_epochs={trainer.max_epochs}"
+                )
+            _ = self.micro_batch_size
+            return
+        if clock is not None and clock.epochs_per_task != 1:
+            raise ConfigError("ContinualInstructionDataModule runs one epoch per task: use TaskClock('epoch', epochs_per_task=1) "
+                              "(a task's length is data.steps_per_task)")
         if trainer.max_epochs != self.num_tasks:
             raise ConfigError(
                 f"trainer.max_epochs={trainer.max_epochs} but the sequence has {self.num_tasks} trained tasks; "
@@ -214,16 +268,11 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
     def buffer_samples(self, task_index: int) -> list[dict]:
         """The samples of a task's replay buffer, in entry order."""
         view = _MixtureDataset(self, task_index + 1)
-        return [view[(task_index, position)] for position in range(len(self.buffers[task_index]))]
+        return [view[(task_index, position)] for position in range(self.memory.size(task_index))]
 
     def end_task(self, task_index: int) -> ReplayBuffer:
         """Fill the replay buffer of a finished task (once; later calls return the existing buffer)."""
-        if task_index not in self.buffers:
-            size = len(self.train_tasks[task_index].train)
-            capacity = resolve_capacity(self.buffer_size, size)
-            picked = select(size, capacity, self.buffer_policy, seed=self.seed * 1000 + task_index)
-            self.buffers[task_index] = ReplayBuffer(task_index, picked)
-        return self.buffers[task_index]
+        return self.memory.fill(task_index, len(self.train_tasks[task_index].train))
 
     # -------------------------------------------------------------------------------------- mixture
     def set_mixture(
@@ -241,7 +290,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         buffers without them use :meth:`ReplayBuffer.sampling_weights`. Called by mixture
         controllers; identical on every rank.
         """
-        task_index = self.trainer.current_epoch if task_index is None else task_index
+        task_index = self.current_task() if task_index is None else task_index
         weights = [float(w) for w in weights]
         if len(weights) != self.num_tasks:
             raise ConfigError(f"mixture has {len(weights)} weights for {self.num_tasks} tasks")
@@ -252,8 +301,8 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         self.schedule.setdefault(task_index, {})[int(from_batch)] = weights
         if entry_weights is not None:
             for j, per_entry in entry_weights.items():
-                if len(per_entry) != len(self.buffers.get(int(j), ())):
-                    raise ConfigError(f"entry weights for task {j} have {len(per_entry)} values for {len(self.buffers.get(int(j), ()))} buffer entries")
+                if len(per_entry) != self.memory.size(int(j)):
+                    raise ConfigError(f"entry weights for task {j} have {len(per_entry)} values for {self.memory.size(int(j))} buffer entries")
             clean = {int(j): [float(w) for w in v] for j, v in entry_weights.items()}
             self.entry_schedule.setdefault(task_index, {})[int(from_batch)] = clean
 
@@ -265,7 +314,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         decisions = self.entry_schedule.get(task_index, {})
         keys = [b for b in decisions if b <= batch]
         scheduled = decisions[max(keys)] if keys else {}
-        return [scheduled.get(j, self.buffers[j].sampling_weights()) for j in range(task_index)] + [None]
+        return [scheduled.get(j, self.memory.get(j).sampling_weights()) for j in range(task_index)] + [None]
 
     def weights_for(self, task_index: int, batch: int) -> list[float]:
         """The weights in force for ``batch`` of ``task_index``, over its sources (buffers then current)."""
@@ -276,7 +325,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         else:
             weights = [0.0] * task_index + [1.0]
         for j in range(task_index):
-            if len(self.buffers.get(j, ())) == 0:
+            if self.memory.size(j) == 0:
                 weights[j] = 0.0
         if sum(weights) <= 0:
             weights[task_index] = 1.0
@@ -285,9 +334,9 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
-        task_index = self.trainer.current_epoch
+        task_index = self.current_task(starting=True)
         if task_index >= self.num_tasks:
-            raise RuntimeError(f"epoch {task_index} has no task: the sequence has {self.num_tasks} tasks")
+            raise ConfigError(f"task index {task_index} has no task: the sequence has {self.num_tasks} trained tasks ({self.task_names})")
         for earlier in range(task_index):
             self.end_task(earlier)
         start = 0
@@ -296,7 +345,7 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             if resume_task == task_index and 0 < resume_batch < self.batches_for(task_index):
                 start = resume_batch
             self._resume_position = None
-        sources = [len(self.buffers[j]) for j in range(task_index)] + [len(self.train_tasks[task_index].train)]
+        sources = [self.memory.size(j) for j in range(task_index)] + [len(self.train_tasks[task_index].train)]
         sampler = MixtureSampler(
             source_sizes=sources,
             weights_for_batch=lambda b: self.weights_for(task_index, b),
@@ -316,9 +365,22 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         return _ResumableLoader(
             _MixtureDataset(self, task_index),
             batch_sampler=sampler,
-            collate_fn=self._collator,
+            collate_fn=self._collate,
             num_workers=self.num_workers,
         )
+
+    def _collate(self, samples: list[dict]) -> dict[str, Any]:
+        if self._user_collate is None:
+            return self._collator(samples)
+        import torch
+
+        batch = dict(self._user_collate(samples))
+        for key, field_name, default in (("sample_ids", "sample_id", -1), ("task_ids", "task_id", -1), ("source_ids", "source_id", -1),
+                                         ("is_replay", "is_replay", False), ("prompt_only", "prompt_only", False)):
+            if key not in batch:
+                values = [s.get(field_name, default) for s in samples]
+                batch[key] = torch.tensor([bool(v) for v in values] if isinstance(default, bool) else [int(v) for v in values])
+        return batch
 
     # ------------------------------------------------------------------------------------ evaluation
     def val_dataloader(self) -> list[DataLoader]:
@@ -344,11 +406,12 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
             # batches whose training step ran; Lightning resumes at this batch index
-            position = (self.trainer.current_epoch, progress.processed)
+            position = (self.current_task(), progress.processed)
         return {
             "schedule": {k: dict(v) for k, v in self.schedule.items()},
             "entry_schedule": {k: dict(v) for k, v in self.entry_schedule.items()},
-            "buffers": {j: b.state_dict() for j, b in self.buffers.items()},
+            "buffers": {j: b.state_dict() for j, b in self.memory.items()},
+            "memory_versions": dict(self.memory.versions),
             "position": position,
             "truncated": dict(self._collator.truncated) if self._collator else {},
             "tasks": [asdict(s) for s in self.specs],
@@ -363,9 +426,5 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             int(k): {int(b): {int(j): list(w) for j, w in e.items()} for b, e in v.items()}
             for k, v in state.get("entry_schedule", {}).items()
         }
-        self.buffers = {}
-        for j, buffer_state in state["buffers"].items():
-            buffer = ReplayBuffer(int(j))
-            buffer.load_state_dict(buffer_state)
-            self.buffers[int(j)] = buffer
+        self.memory.load_state_dict({"buffers": state["buffers"], "versions": state.get("memory_versions", {j: 1 for j in state["buffers"]})})
         self._resume_position = tuple(state["position"]) if state.get("position") else None

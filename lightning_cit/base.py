@@ -56,7 +56,8 @@ def ensure_aligned_base(shape, cache_dir: str | None = None, out: str | None = N
 def _train(shape, out: Path, recipe: dict) -> None:
     from lightning_cit import synth
     from lightning_cit.collate import Collator
-    from lightning_cit.module import build_tiny_llama, per_sample_loss
+    from lightning_cit.loss import per_sample_loss
+    from lightning_cit.models import build_tiny_llama
     from lightning_cit.tasks import TaskSpec, _normalize
 
     tokenizer = synth.build_char_tokenizer()
@@ -90,7 +91,7 @@ def _train(shape, out: Path, recipe: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from lightning_cit.module import TinyLlama
+    from lightning_cit.models import TinyLlama
 
     parser = argparse.ArgumentParser(prog="lightning-cit prepare-base", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="directory to write (default: the cache)")

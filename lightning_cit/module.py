@@ -22,128 +22,23 @@ Training steps return per-sample losses (``outputs["per_sample_loss"]`` with the
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
-from lightning_cit.collate import IGNORE_INDEX, Collator, left_padded_prompts
+from lightning_cit.contract import BASE_ADAPTER, ContinualModule, LossComponent, TaskClock, TaskStyle, inference
 from lightning_cit.errors import ConfigError
-from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
+from lightning_cit.loss import per_sample_loss
+from lightning_cit.models import TinyLlama, build_tiny_llama
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
-BASE_ADAPTER = "__base__"
-"""What an ``adapter_router`` returns for "answer with the adapters disabled"."""
 QUANTIZATIONS = ("nf4", "fp4")  # the string shorthand; lightning_cit.quant.QUANT_FIELDS lists the dict form
 
 
-@dataclass
-class TinyLlama:
-    """Shape of the built-in tiny Llama (``model: tiny`` / ``aligned-base``)."""
-
-    hidden_size: int = 128
-    """Width of the residual stream."""
-    intermediate_size: int = 256
-    """Width of the MLP."""
-    num_hidden_layers: int = 2
-    """Decoder layers."""
-    num_attention_heads: int = 4
-    """Attention heads (no grouped-query attention)."""
-    max_position_embeddings: int = 256
-    """Longest sequence the rotary embedding is set up for."""
-
-
-def build_tiny_llama(tokenizer: Any, shape: TinyLlama) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_attention_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(config)
-
-
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean loss of each sample and its number of target tokens (labels already aligned to inputs)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
-
-
-def inference(method: Any) -> Any:
-    """Run a forward-only method (evaluation, probes, rollouts) the way Lightning runs its own steps.
-
-    ``torch.no_grad`` plus the trainer's precision context (autocast under ``*-mixed``): under FSDP +
-    ``bf16-mixed`` peft casts a LoRA input to the adapter's fp32 master dtype while, inside the adapter's
-    FSDP unit, the weight is bf16; autocast reconciles them as it does in ``training_step``. Under
-    ``FSDPStrategy`` the call also goes through the root FSDP module's forward (Lightning's forward
-    redirection, as for ``training_step``): a callback calling inner FSDP units first would make one of
-    them the root and break FSDP's lazy initialization, and the root's own parameters (embeddings,
-    head) are only gathered by the root's forward.
-    """
-
-    @functools.wraps(method)
-    def wrapper(self: pl.LightningModule, *args: Any, **kwargs: Any) -> Any:
-        trainer = self._trainer
-        if trainer is not None and _outside_fsdp_root_forward(trainer.strategy):
-            strategy = trainer.strategy
-            with torch.no_grad():  # no backward hooks from this forward
-                return strategy._forward_redirection(strategy.model, self, method.__name__, *args, **kwargs)
-        precision = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
-        with torch.no_grad(), precision:
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-def _outside_fsdp_root_forward(strategy: Any) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if not isinstance(strategy, FSDPStrategy) or strategy.model is None or strategy.model is strategy.lightning_module:
-        return False
-    from torch.distributed.fsdp._common_utils import TrainingState
-
-    return strategy.model.training_state == TrainingState.IDLE
-
-
-class LossComponent:
-    """A method's contribution to :meth:`ContinualLM.training_step`, registered with ``add_loss_component``.
-
-    The step's loss starts as ``{"nll": task NLL}`` (prompt-only samples excluded). Each component's
-    :meth:`loss_terms` returns named, already weighted terms that are added to it (each is logged as
-    ``train/<name>``; the policy logits of the batch are passed in, so a term costs no second
-    forward). Then :meth:`backward_loss` may replace the summed loss by the tensor to back-propagate,
-    e.g. a gradient-surgery surrogate whose gradient is a projected combination of the terms'
-    gradients. Components run in registration order; the defaults add nothing and keep the sum.
-    """
-
-    def loss_terms(self, module: ContinualLM, batch: dict[str, Any], logits: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {}
-
-    def backward_loss(self, module: ContinualLM, terms: dict[str, torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
-        return loss
-
-
-class ContinualLM(pl.LightningModule):
+class ContinualLM(ContinualModule, pl.LightningModule):
     """A causal LM tuned on a sequence of instruction tasks.
 
     Args:
@@ -165,6 +60,9 @@ class ContinualLM(pl.LightningModule):
         base_cache_dir: where ``aligned-base`` is cached (default ``$LIGHTNING_CIT_CACHE`` or ``~/.cache/lightning-cit``).
         gradient_checkpointing: recompute each decoder layer's activations in the backward (Hugging Face's
             reentrant checkpointing; +~45% FLOPs for LoRA, far less activation memory).
+        task_style: ``epoch`` (one fit walks the sequence, epoch = task: the CLI) or ``fit`` (one ``Trainer.fit``
+            per task); see :class:`~lightning_cit.contract.TaskClock`.
+        max_eval_length: tokens per scored sample in evaluation, probes and rollouts (longer prompts are cut from the left).
     """
 
     def __init__(
@@ -183,6 +81,8 @@ class ContinualLM(pl.LightningModule):
         eval_batch_size: int = 64,
         base_cache_dir: str | None = None,
         gradient_checkpointing: bool = False,
+        task_style: TaskStyle = "epoch",
+        max_eval_length: int = 1024,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -221,11 +121,9 @@ class ContinualLM(pl.LightningModule):
         self.eval_batch_size = eval_batch_size
         self.base_cache_dir = base_cache_dir
         self.model: torch.nn.Module | None = None
+        self.max_eval_length = max_eval_length
         self.tokenizer = self._load_tokenizer(tokenizer)
-        # picks the PEFT adapter that answers a batch of evaluation prompts (set by InstructionGrouping)
-        self.adapter_router: Any = None
-        # extra loss terms registered by method callbacks (add_loss_component), not hyperparameters
-        self.loss_components: list[LossComponent] = []
+        self.task_clock = TaskClock(task_style)
 
     # ----------------------------------------------------------------------------------- building
     def _checkpoint_dir(self) -> str | None:
@@ -284,35 +182,12 @@ class ContinualLM(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def add_loss_component(self, component: LossComponent) -> None:
-        """Register a :class:`LossComponent` (once); components run in registration order."""
-        if all(c is not component for c in self.loss_components):
-            self.loss_components.append(component)
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        losses, counts = per_sample_loss(logits, batch["labels"])
-        # token-weighted mean over the batch, the usual SFT objective; prompt-only samples (stored
-        # prompts whose response is no target, e.g. JFA's flashbacks) are left out of it
-        nll_counts = counts * ~batch["prompt_only"] if "prompt_only" in batch else counts
-        loss = (losses * nll_counts).sum() / nll_counts.sum().clamp(min=1)
-        if self.loss_components:
-            terms = {"nll": loss}
-            for component in self.loss_components:
-                terms.update(component.loss_terms(self, batch, logits, dict(terms)))
-            loss = sum(terms.values())
-            for name, term in terms.items():
-                self.log(f"train/{name}", term.detach(), batch_size=len(losses))
-            for component in self.loss_components:
-                loss = component.backward_loss(self, terms, loss)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(losses))
-        return {
-            "loss": loss,
-            "per_sample_loss": losses.detach(),
-            "sample_ids": batch["sample_ids"],
-            "task_ids": batch["task_ids"],
-            "source_ids": batch["source_ids"],
-        }
+        # token-weighted mean over the batch (the usual SFT objective) plus registered loss components;
+        # per-sample losses and the batch's ids go to the callbacks through the step outputs
+        outputs = self.continual_loss(batch, self(batch["input_ids"], batch["attention_mask"]))
+        self.log("train/loss", outputs["loss"], prog_bar=True, batch_size=len(outputs["per_sample_loss"]))
+        return outputs
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -333,7 +208,8 @@ class ContinualLM(pl.LightningModule):
     def _task_bounds(self, step: int) -> tuple[int, int]:
         """(step within its task, steps of that task) for a global optimizer step."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "steps_for"):
+        if dm is None or not hasattr(dm, "steps_for") or self.task_clock.style == "fit":
+            # one fit per task: the scheduler is new with each fit's optimizer, its step count is the step in the task
             total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
             return step, int(total)
         start = 0
@@ -368,16 +244,14 @@ class ContinualLM(pl.LightningModule):
             "python": random.getstate(),
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         }
-        if self.adapter_router is not None:  # also needed by validate/test, where callback states are not restored
-            checkpoint["adapter_router"] = self.adapter_router.state_dict()
+        super().on_save_checkpoint(checkpoint)  # the task clock and the adapter router
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         import random
 
         import numpy as np
 
-        if self.adapter_router is not None and "adapter_router" in checkpoint:
-            self.adapter_router.load_state_dict(checkpoint["adapter_router"])
+        super().on_load_checkpoint(checkpoint)  # the task clock and the adapter router
         states = checkpoint.get("rng_states")
         if not states:
             return
@@ -390,10 +264,11 @@ class ContinualLM(pl.LightningModule):
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
     def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        task = self.current_epoch
-        starting_fresh = dm is None or not hasattr(dm, "task_start_step") or self.global_step == dm.task_start_step(task)
-        if self.reset_optimizer_state and task > 0 and starting_fresh:
+        # Lightning skips this hook when it resumes mid-epoch, so a resumed task keeps its moments; in the
+        # fit-per-task style every fit builds a fresh optimizer anyway
+        clock = self.task_clock
+        task = clock.task_of(self.trainer) if clock.style == "epoch" else 0
+        if self.reset_optimizer_state and task > 0 and self.current_epoch % clock.epochs_per_task == 0:
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
 
@@ -412,99 +287,6 @@ class ContinualLM(pl.LightningModule):
         name = task.spec.name
         self.log(f"{prefix}/score/{name}", sum(result["scores"]) / n, batch_size=n, add_dataloader_idx=False, sync_dist=True)
         self.log(f"{prefix}/loss/{name}", sum(result["losses"]) / n, batch_size=n, add_dataloader_idx=False, sync_dist=True)
-
-    @torch.no_grad()
-    def probe_loss(self, samples: list[dict], max_length: int = 256) -> float:
-        """Mean teacher-forced loss over ``samples`` (the cheap probe the controllers read)."""
-        losses = self.sample_losses(samples, max_length)
-        return float(sum(losses) / max(1, len(losses)))
-
-    @inference
-    def sample_losses(self, samples: list[dict], max_length: int = 256) -> list[float]:
-        """Teacher-forced loss of each sample (token mean over its response)."""
-        collate = Collator(self.tokenizer, max_length, [])
-        out: list[float] = []
-        for i in range(0, len(samples), self.eval_batch_size):
-            batch = collate(samples[i : i + self.eval_batch_size])
-            logits = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            losses, _ = per_sample_loss(logits, batch["labels"].to(self.device))
-            out.extend(losses.tolist())
-        return out
-
-    @inference
-    def generate_answers(self, samples: list[dict], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
-        """Answers to each sample's prompt, batched with left padding (KV cache on).
-
-        ``temperature`` 0 is greedy decoding; above 0 samples from the temperature-scaled softmax
-        (no top-k / top-p truncation, like vLLM's defaults) with torch's global generator.
-        """
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        sampling = {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
-        answers: list[str] = []
-        for i in range(0, len(samples), self.eval_batch_size):
-            chunk = samples[i : i + self.eval_batch_size]
-            batch = left_padded_prompts(self.tokenizer, [s["messages"] for s in chunk], pad_id)
-            output = self.model.generate(
-                input_ids=batch["input_ids"].to(self.device),
-                attention_mask=batch["attention_mask"].to(self.device),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                **sampling,
-            )
-            answers.extend(self.tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True))
-        return answers
-
-    @inference
-    def choose_options(self, samples: list[dict]) -> list[int]:
-        """Index of the option with the highest total log-likelihood as the answer to each prompt."""
-        expanded = [
-            {"messages": s["messages"], "response": str(option), "index": (i, j)}
-            for i, s in enumerate(samples)
-            for j, option in enumerate(s["options"])
-        ]
-        collate = Collator(self.tokenizer, 10_000, [])
-        scores: dict[tuple[int, int], float] = {}
-        for start in range(0, len(expanded), self.eval_batch_size):
-            chunk = expanded[start : start + self.eval_batch_size]
-            batch = collate(chunk)
-            logits = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            losses, counts = per_sample_loss(logits, batch["labels"].to(self.device))
-            for sample, loss, count in zip(chunk, losses.tolist(), counts.tolist()):
-                scores[sample["index"]] = -loss * count
-        return [max(range(len(s["options"])), key=lambda j: scores[(i, j)]) for i, s in enumerate(samples)]
-
-    def evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int) -> dict[str, list]:
-        """Per-sample ``scores`` (0..100), teacher-forced ``losses`` and ``predictions`` for one task.
-
-        This is the method :class:`~lightning_cit.callbacks.ForgettingEvaluator` calls; a module of
-        another project implements the same signature to be evaluated. With an ``adapter_router``
-        (instruction grouping) the prompts are answered by the adapter it picks for them.
-        """
-        adapter = self.adapter_router.route(samples) if self.adapter_router is not None else None
-        active = getattr(self.model, "active_adapter", None)
-        if adapter is None or adapter == active:
-            return self._evaluate_samples(samples, metric, max_new_tokens)
-        if adapter == BASE_ADAPTER:  # the router's "no group fits": the base model answers
-            with self.model.disable_adapter():
-                return self._evaluate_samples(samples, metric, max_new_tokens)
-        self.model.set_adapter(adapter)
-        try:
-            return self._evaluate_samples(samples, metric, max_new_tokens)
-        finally:
-            self.model.set_adapter(active)
-
-    def _evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int) -> dict[str, list]:
-        losses = self.sample_losses(samples)
-        if metric == MC_ACCURACY:
-            chosen = self.choose_options(samples)
-            predictions = [str(s["options"][c]) for s, c in zip(samples, chosen)]
-            scores = [100.0 * (c == int(s["answer_index"])) for s, c in zip(samples, chosen)]
-        else:
-            predictions = self.generate_answers(samples, max_new_tokens)
-            scorer = TEXT_METRICS[metric]
-            scores = [scorer(p, s["response"]) for p, s in zip(predictions, samples)]
-        return {"scores": scores, "losses": losses, "predictions": predictions}
 
 
 def _check_lora_fields(lora: dict[str, Any]) -> None:
@@ -550,4 +332,4 @@ def _check_settings(learning_rate: Any, weight_decay: Any, warmup_steps: Any, mi
             )
 
 
-__all__ = ["ContinualLM", "LossComponent", "TinyLlama", "build_tiny_llama", "per_sample_loss"]
+__all__ = ["BASE_ADAPTER", "ContinualLM", "LossComponent", "TinyLlama", "build_tiny_llama", "inference", "per_sample_loss"]

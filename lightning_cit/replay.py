@@ -87,3 +87,68 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.task_index = int(state["task_index"])
         self.entries = list(state["entries"])
+
+
+class ReplayMemory:
+    """The one owner of every finished task's :class:`ReplayBuffer` (the ``memory`` of the data contract).
+
+    A task's buffer is made once by :meth:`fill` (the selection policy over its data, when the task ends
+    or at the latest when the next task's loader is built); methods that rewrite a buffer (OPR's own
+    answers, JFA's flashbacks) go through :meth:`replace` / :meth:`extend`. Every change bumps the task's
+    :meth:`version`, so a cached view (MSSR's entry positions and memory strengths) notices and rebuilds.
+    Readers use :meth:`get`, ``in``, :meth:`items` and ``len(memory.get(task))``; nobody else assigns buffers.
+    """
+
+    def __init__(self, capacity: int | float = 0.1, policy: str = "random", seed: int = 0) -> None:
+        self.capacity = capacity
+        self.policy = policy
+        self.seed = seed
+        self.buffers: dict[int, ReplayBuffer] = {}
+        self.versions: dict[int, int] = {}
+
+    def __contains__(self, task: int) -> bool:
+        return task in self.buffers
+
+    def get(self, task: int, default: Any = None) -> ReplayBuffer | Any:
+        return self.buffers.get(task, default)
+
+    def items(self) -> Any:
+        return self.buffers.items()
+
+    def size(self, task: int) -> int:
+        return len(self.buffers.get(task, ()))
+
+    def version(self, task: int) -> int:
+        """Changes so far to ``task``'s buffer (0: not filled yet)."""
+        return self.versions.get(task, 0)
+
+    def fill(self, task: int, task_size: int) -> ReplayBuffer:
+        """The buffer of a finished task, selected by the policy on first call (later calls return it)."""
+        if task not in self.buffers:
+            capacity = resolve_capacity(self.capacity, task_size)
+            picked = select(task_size, capacity, self.policy, seed=self.seed * 1000 + task)
+            self.buffers[task] = ReplayBuffer(task, picked)
+            self.versions[task] = self.version(task) + 1
+        return self.buffers[task]
+
+    def replace(self, task: int, entries: list[int | dict]) -> ReplayBuffer:
+        """Swap the whole content of ``task``'s buffer (it must exist: :meth:`fill` first)."""
+        buffer = self.buffers.setdefault(task, ReplayBuffer(task))
+        buffer.replace(entries)
+        self.versions[task] = self.version(task) + 1
+        return buffer
+
+    def extend(self, task: int, entries: list[int | dict]) -> ReplayBuffer:
+        buffer = self.buffers.setdefault(task, ReplayBuffer(task))
+        return self.replace(task, list(buffer.entries) + list(entries))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": {j: b.state_dict() for j, b in self.buffers.items()}, "versions": dict(self.versions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffers = {}
+        for j, buffer_state in state["buffers"].items():
+            buffer = ReplayBuffer(int(j))
+            buffer.load_state_dict(buffer_state)
+            self.buffers[int(j)] = buffer
+        self.versions = {int(j): int(v) for j, v in state.get("versions", {j: 1 for j in self.buffers}).items()}

@@ -317,3 +317,23 @@ def _check_choice(spec: TaskSpec, sample: dict, where: str) -> None:
         raise TaskDataError(f"{needs} (an index into it); 'options' is {options!r:.60}")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(options):
         raise TaskDataError(f"{needs} (an integer in [0, {len(options) - 1}]); 'answer_index' is {index!r:.60}")
+
+
+def task_from_records(name: str, train: list[Any], eval: list[Any], probe: list[Any] | None = None, metric: str = "exact_match",
+                      max_new_tokens: int = 48, train_task: bool = True, **fields: Any) -> TaskData:
+    """A task from a user's own records (dicts with ``prompt``/``response``, ``messages``, ... as in files).
+
+    What a project that keeps its own datasets hands to ``ContinualInstructionDataModule(datasets=...)``
+    and ``ForgettingEvaluator(tasks=...)``; records are validated and normalized like a file's, and a bad
+    one names the task, the split and the index.
+    """
+    spec = TaskSpec(name=name, source=f"records:{name}", metric=metric, train_size=len(train), eval_size=max(1, len(eval)),
+                    probe_size=len(probe or []), max_new_tokens=max_new_tokens, train=train_task, **fields)
+    check_metric(metric, f"task {name!r}")
+    splits = {split: [_normalize(spec, r, f"records:{name}/{split}[{i}]") for i, r in enumerate(rows or [])]
+              for split, rows in (("train", train), ("eval", eval), ("probe", probe))}
+    if train_task and not splits["train"]:
+        raise TaskDataError(f"task {name!r}: no training records given")
+    if not splits["eval"]:
+        raise TaskDataError(f"task {name!r}: no evaluation records given")
+    return TaskData(spec=spec, train=splits["train"], eval=splits["eval"], probe=splits["probe"] or splits["eval"][:8], metric=metric)

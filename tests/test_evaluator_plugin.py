@@ -8,10 +8,11 @@ import torch
 from lightning_cit.callbacks import ForgettingEvaluator
 from torch.utils.data import DataLoader
 
+from lightning_cit.contract import ContinualModule, TaskClock
 from lightning_cit.tasks import TaskSpec, load_task
 
 
-class LRUMemorizer(pl.LightningModule):
+class LRUMemorizer(ContinualModule, pl.LightningModule):
     """Answers a prompt with the response it last saw for it; remembers at most ``capacity`` prompts."""
 
     def __init__(self, tasks, capacity):
@@ -19,6 +20,7 @@ class LRUMemorizer(pl.LightningModule):
         self.tasks, self.capacity = tasks, capacity
         self.memory: OrderedDict[str, str] = OrderedDict()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.task_clock = TaskClock("epoch")  # one fit, epoch = task
 
     def train_dataloader(self):
         return DataLoader(self.tasks[self.trainer.current_epoch].train, batch_size=16, collate_fn=list)
@@ -39,8 +41,8 @@ class LRUMemorizer(pl.LightningModule):
         scores = [100.0 * (p == s["response"]) for p, s in zip(predictions, samples)]
         return {"scores": scores, "losses": [0.0 if s else 1.0 for s in scores], "predictions": predictions}
 
-    def probe_loss(self, samples):
-        return sum(self.evaluate_samples(samples, "exact_match", 0)["losses"]) / len(samples)
+    def sample_losses(self, samples, max_length=None):
+        return self.evaluate_samples(samples, "exact_match", 0)["losses"]
 
 
 def test_evaluator_in_a_plain_lightning_project(tmp_path):

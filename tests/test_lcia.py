@@ -18,14 +18,16 @@ from lightning_cit.callbacks.grouping import BASE, instruction_of, tfidf_pair_co
 from test_e2e import run
 
 from lightning_cit.cli import main
+from lightning_cit.contract import ContinualModule, TaskClock
 
 
 # ------------------------------------------------------------------------------------ a plain module
-class PlainModule(pl.LightningModule):
-    """No lightning-cit part: a frozen layer and two trainable tensors, regression on fixed data."""
+class PlainModule(ContinualModule, pl.LightningModule):
+    """Only the contract's mixin: a frozen layer and two trainable tensors, regression on fixed data, epoch = task."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.task_clock = TaskClock("epoch")
         torch.manual_seed(0)
         self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
         self.head = torch.nn.Linear(4, 1)
@@ -182,9 +184,11 @@ def test_ema_must_come_before_the_evaluator():
 
     from lightning_cit.errors import ConfigError
 
-    trainer = pl.Trainer(callbacks=[ForgettingEvaluator(), AdapterEMA()], logger=False, enable_checkpointing=False)
-    with pytest.raises(ConfigError, match="before ForgettingEvaluator"):
-        next(c for c in trainer.callbacks if isinstance(c, AdapterEMA)).setup(trainer, PlainModule(), "fit")
+    trainer = pl.Trainer(callbacks=[ForgettingEvaluator(tasks=[]), AdapterEMA()], logger=False, enable_checkpointing=False)
+    module = PlainModule()
+    with pytest.raises(ConfigError, match="AdapterEMA must come before ForgettingEvaluator .*averaged weights"):
+        for callback in trainer.callbacks:  # what Lightning does at setup, in trainer.callbacks order
+            callback.setup(trainer, module, "fit")
 
 
 def test_bad_settings_are_clear_errors():
@@ -278,14 +282,14 @@ def test_evaluation_is_answered_by_the_routed_adapter(tmp_path):
 
     module.eval()
     default = module.evaluate_samples(samples, "edit_similarity", 4)["losses"]
-    module.adapter_router = To("group_1")
+    module.continual.register_service("adapter_router", To("group_1"))
     routed = module.evaluate_samples(samples, "edit_similarity", 4)["losses"]
     assert module.model.active_adapter == "default"  # restored after evaluation
     module.model.set_adapter("group_1")
     direct = module._evaluate_samples(samples, "edit_similarity", 4)["losses"]
     assert routed == direct and routed != default
     module.model.set_adapter("default")
-    module.adapter_router = To(BASE)
+    module.continual.services["adapter_router"] = To(BASE)
     base = module.evaluate_samples(samples, "edit_similarity", 4)["losses"]
     with module.model.disable_adapter():
         assert base == module._evaluate_samples(samples, "edit_similarity", 4)["losses"]
