@@ -118,6 +118,24 @@ def test_proxymix_train_configs_run_the_right_episode_config(path):
     assert resolved(*configs)["trainer"]["callbacks"][0]["class_path"] == CB + "ProxyMixController"
 
 
+def test_benchmarks_use_shipped_compositions():
+    """The sweeps behind docs/results run shipped compositions (resolved as above), and the real-data sweep finds
+    each method's init_args in its overlay."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cit_synth
+        import proxymix as proxymix_benchmark
+        import real_sequence
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    shipped = {tuple(configs) for configs, _ in COMPOSITIONS.values()}
+    used = [suite["config"] for suite in cit_synth.SUITES.values()] + [proxymix_benchmark.TRANSFER, proxymix_benchmark.PROXY]
+    assert all(tuple(configs) in shipped for configs in used), used
+    assert tuple(real_sequence.CONFIG.split()) in shipped
+    methods = real_sequence.real_methods()
+    assert methods["MSSR"]["controller"]["init_args"]["lambda_0"] == 0.04  # read from configs/methods/mssr.yaml
+
+
 def _git_show(path: str) -> str | None:
     if shutil.which("git") is None:
         return None
