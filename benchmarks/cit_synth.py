@@ -4,7 +4,8 @@
     python benchmarks/cit_synth.py --suite mssr --seeds 0 1 2        # docs/results/mssr.{md,json}
     python benchmarks/cit_synth.py --suite jfa --seeds 0 1 2 --parallel 1 --threads 1   # docs/results/jfa.{md,json}
 
-Each (method, seed) is one ``lightning-cit fit --config configs/quickstart.yaml`` with the
+Each (method, seed) is one ``lightning-cit fit`` of the suite's composition (a base config plus a method
+overlay, e.g. ``configs/quickstart.yaml`` + ``configs/methods/mssr.yaml``, resolved to one config) with the
 controller swapped; the table gives the mean and the standard error over seeds of every named
 summary metric. Finished runs are reused (their scores.json is read back), so an interrupted
 sweep continues where it stopped. ``--threads`` sets torch threads per run and ``--parallel`` how
@@ -14,11 +15,13 @@ many runs go at once.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from lightning_cit.metrics import SUMMARY_KEYS
 from lightning_cit.results import atomic_write_json, atomic_write_text
 
-MSSR_BUDGET = 0.0273  # mean λ(t) of configs/mssr.yaml over tasks 2-5 (steps 300..1499), rounded
+MSSR_BUDGET = 0.0273  # mean λ(t) of configs/methods/mssr.yaml over tasks 2-5 (steps 300..1499), rounded
 
 BASELINES = {
     "No replay": {"class_path": "lightning_cit.callbacks.NoReplay"},
@@ -70,15 +73,16 @@ LCIA = {
     # not the official rule: prompts that match no group are answered by the base model (adapters disabled)
     "DynamicEMA + grouping, base for unmatched": {"callbacks": {GROUPING_CALLBACK: {"unmatched": "base"}}},
 }
+LORA_BASE = "configs/base/cit_synth_lora.yaml"
 SUITES = {
-    "baselines": {"config": "configs/quickstart.yaml", "name": "cit-synth", "methods": BASELINES, "title": "cit-synth: replay baselines"},
-    "mssr": {"config": "configs/mssr.yaml", "name": "mssr", "methods": MSSR, "title": "MSSR on cit-synth: memory-strength replay vs fixed ratio at the same budget"},
-    "opr": {"config": "configs/opr.yaml", "name": "opr", "methods": OPR, "title": "OPR on cit-synth: on-policy replay vs vanilla replay at the same budget",
+    "baselines": {"config": ["configs/quickstart.yaml"], "name": "cit-synth", "methods": BASELINES, "title": "cit-synth: replay baselines"},
+    "mssr": {"config": ["configs/quickstart.yaml", "configs/methods/mssr.yaml"], "name": "mssr", "methods": MSSR, "title": "MSSR on cit-synth: memory-strength replay vs fixed ratio at the same budget"},
+    "opr": {"config": [LORA_BASE, "configs/methods/opr.yaml"], "name": "opr", "methods": OPR, "title": "OPR on cit-synth: on-policy replay vs vanilla replay at the same budget",
             "setup": "aligned tiny Llama base + LoRA r=16, 300 steps of 32 per task, safety evaluation-only; replay buffers "
                      "rebuilt at every task end and concatenated with the task's data (SizeProportional)"},
-    "lcia": {"config": "configs/lcia.yaml", "name": "lcia", "methods": LCIA, "title": "LCIA on cit-synth: adapter EMA, dynamic EMA and instruction grouping",
+    "lcia": {"config": [LORA_BASE, "configs/methods/lcia.yaml"], "name": "lcia", "methods": LCIA, "title": "LCIA on cit-synth: adapter EMA, dynamic EMA and instruction grouping",
              "setup": "aligned tiny Llama base + LoRA r=16, 300 steps of 32 per task, no replay, safety evaluation-only"},
-    "jfa": {"config": "configs/jfa.yaml", "name": "jfa", "methods": JFA, "title": "JFA on cit-synth: joint flashback adaptation, part by part",
+    "jfa": {"config": [LORA_BASE, "configs/methods/jfa.yaml"], "name": "jfa", "methods": JFA, "title": "JFA on cit-synth: joint flashback adaptation, part by part",
             "setup": "aligned tiny Llama base + LoRA r=16, 300 steps of 32 per task, safety evaluation-only; no replayed answers: "
                      "32 flashback prompts per finished task at 20% of every batch (FixedRatio)"},
 }
@@ -103,7 +107,7 @@ NOTES = {"mssr": """## Reading the table
   reviewed about every 13 steps (1024 entries, batch 256 at λ≈0.3). At cit-synth's rate (an entry about
   every 400 steps), the defaults drive `m` to e^-40 between reviews, and `m^-ζ` then sends all replay to one
   buffer. Earlier runs of this sweep with the unscaled α = 0.01 and γ_d = 0.2 gave acc 28.7 (bwt_gem -81.8)
-  with re-scoring and 35.7 (bwt_gem -73.1) before re-scoring was added. `configs/mssr.yaml` therefore
+  with re-scoring and 35.7 (bwt_gem -73.1) before re-scoring was added. `configs/methods/mssr.yaml` therefore
   scales α and γ_d by 1/30. Other scalings and ζ < 1 were not searched.
 - **Cost.** `python benchmarks/mssr_overhead.py` on one thread: the memory updates and decisions take
   0.37 ms per step, 0.8% of the tiny model's 44 ms step. The re-scoring forward pass over the buffer, every
@@ -275,18 +279,38 @@ def apply_method(data: dict, spec: dict) -> dict:
     return data
 
 
+_RESOLVE_LOCK = threading.Lock()
+_RESOLVED: dict[tuple[str, ...], dict] = {}
+
+
+def resolved(config: str | list[str]) -> dict:
+    """The config a composition (one path or a list of ``--config`` paths) resolves to; a fresh copy every call."""
+    from lightning_cit.cli import resolve_config
+
+    key = (config,) if isinstance(config, str) else tuple(config)
+    with _RESOLVE_LOCK:  # resolve_config captures sys.stdout; runs go in threads
+        if key not in _RESOLVED:
+            _RESOLVED[key] = resolve_config([REPO / path for path in key])
+        return copy.deepcopy(_RESOLVED[key])
+
+
+def composition(config: str | list[str]) -> str:
+    """A composition as the docs write it: its paths joined by `` + ``."""
+    return config if isinstance(config, str) else " + ".join(config)
+
+
 def slug(name: str) -> str:
     return name.lower().replace(" + ", "_plus_").replace(" ", "_").replace("%", "pct")
 
 
-def run_one(method: str, seed: int, runs: Path, threads: int, config: str, methods: dict | None = None) -> dict:
+def run_one(method: str, seed: int, runs: Path, threads: int, config: str | list[str], methods: dict | None = None) -> dict:
     root = runs / f"{slug(method)}-seed{seed}"
     done = [p for p in root.rglob("scores.json") if json.loads(p.read_text()).get("complete")]
     if done:
         return json.loads(done[0].read_text())
     import yaml
 
-    data = apply_method(yaml.safe_load(Path(config).read_text()), (methods or METHODS)[method])
+    data = apply_method(resolved(config), (methods or METHODS)[method])
     root.mkdir(parents=True, exist_ok=True)
     sweep_config = root / "sweep_config.yaml"
     sweep_config.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -326,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     suite = SUITES[args.suite]
     runs = Path(args.runs or f"runs/{suite['name']}").resolve()
-    config = str(REPO / suite["config"])
+    config = suite["config"]
     jobs = [(m, s) for m in suite["methods"] for s in args.seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda job: run_one(job[0], job[1], runs, args.threads, config, suite["methods"]), jobs))
@@ -346,11 +370,11 @@ def main() -> None:
         rows.append(row)
     tasks = results[0]["tasks"]
     out = Path(args.out)
-    atomic_write_json(out / f"{suite['name']}.json", {"command": command, "config": suite["config"], "tasks": tasks, "rows": rows})
+    atomic_write_json(out / f"{suite['name']}.json", {"command": command, "config": composition(suite["config"]), "tasks": tasks, "rows": rows})
     lines = [
         f"# {suite['title']}",
         "",
-        f"Sequence {' -> '.join(tasks)} ({suite.get('setup', FULL_FT_SETUP)}; config `{suite['config']}`).",
+        f"Sequence {' -> '.join(tasks)} ({suite.get('setup', FULL_FT_SETUP)}; config `{composition(suite['config'])}`).",
         (f"Mean ± standard error over seeds {', '.join(map(str, args.seeds))}. Scores in 0..100; `bwt_gem` divides by T-1, "
          "`bwt_trace` by T (see README, Metrics)."),
         "",

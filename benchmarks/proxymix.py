@@ -4,7 +4,7 @@
 
 1. ``lightning-cit proxymix train --config configs/proxymix/train_controller.yaml`` (PPO on the proxy),
 2. ``lightning-cit proxymix train --config configs/proxymix/oracle.yaml`` (the same PPO on the target: Oracle Target RL),
-3. every method on the target (``configs/proxymix/transfer.yaml`` with the controller swapped), per seed,
+3. every method on the target (``configs/proxymix/proxy.yaml`` + ``configs/proxymix/target.yaml`` with the controller swapped), per seed,
 4. the proxy under No Replay and Random 10% (``configs/proxymix/proxy.yaml``), per seed, for the mirroring check
    against the target under the same controllers (``lightning-cit proxymix mirror``),
 5. ``docs/results/proxymix.{md,json}``.
@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cit_synth import mean_se, run_one
+from cit_synth import composition, mean_se, run_one
 
 from lightning_cit.ppo import load_policy
 from lightning_cit.proxymix import bootstrap_interval, mean_vulnerability_of, spearman
 from lightning_cit.results import atomic_write_json, atomic_write_text
 
-TRANSFER = "configs/proxymix/transfer.yaml"
-PROXY = "configs/proxymix/proxy.yaml"
+TRANSFER = ["configs/proxymix/proxy.yaml", "configs/proxymix/target.yaml"]  # the target: the proxy base plus the target overlay
+PROXY = ["configs/proxymix/proxy.yaml"]
 PROXY_POLICY = "runs/proxymix/controller.pt"
 ORACLE_POLICY = "runs/proxymix/oracle_controller.pt"
 INTERVAL = 10  # decision_interval of the transfer config: the adaptive baselines decide as often as ProxyMix
@@ -83,9 +83,9 @@ def main() -> None:
     runs = REPO / "runs" / "proxymix" / "sweep"
     jobs = [(m, s) for m in METHODS for s in args.seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda j: run_one(j[0], j[1], runs, args.threads, str(REPO / TRANSFER), METHODS), jobs))
+        results = list(pool.map(lambda j: run_one(j[0], j[1], runs, args.threads, TRANSFER, METHODS), jobs))
     proxy_runs = REPO / "runs" / "proxymix" / "proxy-sweep"
-    proxy_results = {m: [run_one(m, s, proxy_runs, args.threads, str(REPO / PROXY), METHODS) for s in args.seeds] for m in MIRRORED}
+    proxy_results = {m: [run_one(m, s, proxy_runs, args.threads, PROXY, METHODS) for s in args.seeds] for m in MIRRORED}
 
     by_method: dict[str, list[dict]] = {}
     for (method, _), scores in zip(jobs, results):
@@ -124,7 +124,7 @@ def main() -> None:
     command = (f"python benchmarks/proxymix.py --seeds {' '.join(map(str, args.seeds))} --episodes {args.episodes} "
                f"--oracle-episodes {args.oracle_episodes} --threads {args.threads}")
     out = Path(args.out)
-    atomic_write_json(out / "proxymix.json", {"command": command, "config": TRANSFER, "proxy_config": PROXY, "tasks": results[0]["tasks"],
+    atomic_write_json(out / "proxymix.json", {"command": command, "config": composition(TRANSFER), "proxy_config": composition(PROXY), "tasks": results[0]["tasks"],
                                               "rows": rows, "mirror": mirror, "cost": costs, "episode_rewards": learning})
     lines = [
         "# ProxyMix on cit-synth: a controller learned on a proxy, transferred to a 3x wider and deeper target",

@@ -44,7 +44,7 @@ FIRST_LINE = "^[^\n]*"  # every realdata prompt starts with its instruction line
 
 
 def _config_args(path: str, class_name: str) -> dict:
-    """A method's init_args as its own config sets them (configs/<method>.yaml), so the sweep uses the shipped recipe."""
+    """A method's init_args as its overlay sets them (configs/methods/<method>.yaml), so the sweep uses the shipped recipe."""
     data = yaml.safe_load((REPO / path).read_text())
     for callback in data["trainer"]["callbacks"]:
         if callback["class_path"] == CB + class_name:
@@ -54,11 +54,11 @@ def _config_args(path: str, class_name: str) -> dict:
 
 def real_methods() -> dict[str, dict]:
     """The methods of the sweep: the baselines and every landed method with its own config's settings."""
-    mssr = {**_config_args("configs/mssr.yaml", "MSSRReplay"), "decision_interval": 2}
-    grouping = {**_config_args("configs/lcia.yaml", "InstructionGrouping"), "instruction_pattern": FIRST_LINE}
-    dynamic_ema = _config_args("configs/lcia.yaml", "DynamicEMA")
-    opr = {**_config_args("configs/opr.yaml", "OnPolicyReplay"), "budget": 16, "candidates_per_task": 16}
-    jfa = {**_config_args("configs/jfa.yaml", "JointFlashbackAdaptation"), "flashbacks_per_task": 8}
+    mssr = {**_config_args("configs/methods/mssr.yaml", "MSSRReplay"), "decision_interval": 2}
+    grouping = {**_config_args("configs/methods/lcia.yaml", "InstructionGrouping"), "instruction_pattern": FIRST_LINE}
+    dynamic_ema = _config_args("configs/methods/lcia.yaml", "DynamicEMA")
+    opr = {**_config_args("configs/methods/opr.yaml", "OnPolicyReplay"), "budget": 16, "candidates_per_task": 16}
+    jfa = {**_config_args("configs/methods/jfa.yaml", "JointFlashbackAdaptation"), "flashbacks_per_task": 8}
     methods = {
         "No replay": {"controller": {"class_path": CB + "NoReplay"}},
         "Fixed ratio 20%": {"controller": {"class_path": CB + "FixedRatio", "init_args": {"ratio": 0.2}}},
@@ -169,7 +169,7 @@ NOTES = """## Reading the table
   group is reused). It is the only row whose losses show no forgetting at all (`sentiment` 0.47 -> 0.47,
   `loss_bwt_gem` 0), at the price of one adapter per task. The probes match no group and are answered by the latest
   group's adapter (the official rule, `unmatched: latest`): `general_mmlu` 33 -> 50 is one question more.
-- **MSSR is No replay plus a sample or two.** Its replay ratio (`configs/mssr.yaml`: λ(t) from 4% down to 1%, Eq.9)
+- **MSSR is No replay plus a sample or two.** Its replay ratio (`configs/methods/mssr.yaml`: λ(t) from 4% down to 1%, Eq.9)
   of a batch of 4 is about 0.15 samples per batch; its losses differ from No replay's by 0.01-0.02, on
   `gsm8k` (`sentiment` ends at 1.15 in both). Its memory-strength schedule needs far longer tasks to act.
 - **JFA keeps the most of `sentiment` among the single-adapter rows**: its eval loss ends at 0.57 (No replay 1.15,

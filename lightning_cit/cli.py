@@ -204,5 +204,32 @@ def _find_config_error(err: BaseException | None) -> ConfigError | None:
     return None
 
 
+def resolve_config(configs: Any, *args: str, subcommand: str = "fit") -> dict[str, Any]:
+    """What ``lightning-cit SUBCOMMAND --config C1 --config C2 ... ARGS`` resolves to (its ``--print_config``), as a dict.
+
+    Composed configs (a base plus overlays, later ones override) are read by jsonargparse itself; nothing is
+    built. Benchmarks and tests use it to edit a composition as one config.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    import yaml
+
+    argv = [subcommand]
+    for config in configs:
+        argv += ["--config", str(config)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        try:
+            code = main([*argv, *args, "--print_config"])
+        except SystemExit as exit_:
+            code = exit_.code
+    if code:
+        raise ConfigError(f"{' '.join(argv)} does not resolve (exit code {code})")
+    return yaml.safe_load(out.getvalue())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ from lightning_cit.callbacks import AdapterEMA, DynamicEMA, InstructionGrouping
 from lightning_cit.callbacks.grouping import BASE, instruction_of, tfidf_pair_cosine
 from test_e2e import run
 
-from lightning_cit.cli import main
+from lightning_cit.cli import main, resolve_config
 from lightning_cit.contract import ContinualModule, TaskClock
 
 
@@ -301,7 +301,7 @@ STEPS = 8
 
 
 def lcia_config(tmp_path: Path, extra_callbacks=(), when="reused_group") -> Path:
-    config = yaml.safe_load((REPO / "configs" / "lcia.yaml").read_text())
+    config = resolve_config([REPO / "configs" / "base" / "cit_synth_lora.yaml", REPO / "configs" / "methods" / "lcia.yaml"])
     config["trainer"]["enable_progress_bar"] = False
     callbacks = config["trainer"]["callbacks"]
     for callback in callbacks:

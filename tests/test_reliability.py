@@ -15,8 +15,8 @@ behave exactly like ``<Name>`` unless ``CIT_KILL_AT`` is set). Per config the de
 The full matrix (every config x every kill point, ``KILL_POINTS``) runs with
 ``CIT_RELIABILITY_FULL=1 python -m pytest -m reliability_full tests/test_reliability.py``.
 
-Adding a config: one entry in :data:`CASES` (its path, the shrinking overrides of its callbacks, and
-the kill point the default suite uses for it).
+Adding a config: one entry in :data:`CASES` (its composition: the ``--config`` files under ``configs/``, a base
+and a method overlay; the shrinking overrides of its callbacks, and the kill point the default suite uses for it).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import yaml
 from conftest import REPO, TESTS_DIR
 
-from lightning_cit.cli import main
+from lightning_cit.cli import main, resolve_config
 
 STEPS = 6  # optimizer steps per task
 TASKS = 3  # trained tasks kept from each config
@@ -51,40 +51,40 @@ FULL = os.environ.get("CIT_RELIABILITY_FULL") == "1"
 # kill points of the full matrix; "ddp_strategy": the strategy for the DDP test; "full_only": only in the full tier.
 CASES: dict[str, dict[str, Any]] = {
     "quickstart": {
-        "config": "quickstart.yaml",
+        "config": ["quickstart.yaml"],
         # two kills in a row: at the start of task 2 (after task 1's checkpoint), then, in the resumed process, in the
         # middle of the evaluation at the end of task 2 (its 2nd scored task)
         "kill": ["task_start:1", "eval:2"],
         "points": ["step:random", "eval:5", "task_end:2", "decide:2"],
     },
     "mssr": {
-        "config": "mssr.yaml",
+        "config": ["quickstart.yaml", "methods/mssr.yaml"],
         "init_args": {"MSSRReplay": {"lambda_0": 0.3, "decision_interval": 2, "rescore_interval": 3, "first_interval": 4}},
         "kill": "decide:5",  # a mid-task decision of task 2 (one per task start, then every 2 steps)
         "points": ["step:random", "eval:6", "task_start:2"],
     },
     "lcia": {
-        "config": "lcia.yaml",
+        "config": ["base/cit_synth_lora.yaml", "methods/lcia.yaml"],
         "init_args": {"DynamicEMA": {"scale": 1e-4}},
         "kill": "step:random",
         "points": ["step:9", "eval:7", "task_start:1", "task_end:1"],  # step 9: cipher_b reuses cipher_a's adapter, EMA on
         "ddp_strategy": "ddp_find_unused_parameters_true",  # one adapter slot per task, one trains at a time
     },
     "opr": {
-        "config": "opr.yaml",
+        "config": ["base/cit_synth_lora.yaml", "methods/opr.yaml"],
         "init_args": {"OnPolicyReplay": {"budget": 8, "candidates_per_task": 8}},
         "kill": "opr:2",  # the rollout at the end of task 2 (answer batches: 1 after task 1, 2 and 3 after task 2)
         "points": ["step:random", "opr:1", "eval:5", "task_start:1"],
     },
     "jfa": {
-        "config": "jfa.yaml",
+        "config": ["base/cit_synth_lora.yaml", "methods/jfa.yaml"],
         "init_args": {"JointFlashbackAdaptation": {"flashbacks_per_task": 4, "encoder_dim": 64, "key_chunks": 2, "pool_size": 8,
                                                    "latent_rank": 2}},
         "kill": "jfa:2",  # the flashback generation at the end of task 2
         "points": ["step:random", "jfa:1", "eval:6", "task_start:2"],
     },
-    "quickstart_no_replay": {"config": "quickstart_no_replay.yaml", "kill": "task_start:1", "points": ["step:random"], "full_only": True},
-    "cit_synth_lora": {"config": "cit_synth_lora.yaml", "kill": "eval:6", "points": ["step:random"], "full_only": True},
+    "quickstart_no_replay": {"config": ["quickstart.yaml", "methods/no_replay.yaml"], "kill": "task_start:1", "points": ["step:random"], "full_only": True},
+    "cit_synth_lora": {"config": ["base/cit_synth_lora.yaml"], "kill": "eval:6", "points": ["step:random"], "full_only": True},
 }
 DEFAULT = [pytest.param(name, marks=pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1"))
            if case.get("full_only") else name for name, case in CASES.items()]
@@ -127,12 +127,12 @@ def _killable(class_path: str) -> str:
 def shrunk_config(name: str, directory: Path, extra_callbacks: list[dict] = (), tasks: int = TASKS) -> Path:
     """The config of ``CASES[name]`` with a tiny model, ``tasks`` short tasks and kill points; written to ``directory``."""
     case = CASES[name]
-    config = yaml.safe_load((REPO / "configs" / case["config"]).read_text())
+    config = resolve_config([REPO / "configs" / path for path in case["config"]])
     trainer, model, data = config["trainer"], config["model"], config["data"]
     trainer.update(enable_progress_bar=False, log_every_n_steps=2)
     callbacks = trainer["callbacks"]
     periodic = [c for c in callbacks if c["class_path"].endswith("TaskCheckpoint") and c["init_args"].get("every_n_train_steps")]
-    assert periodic, f"configs/{case['config']}: TaskCheckpoint without every_n_train_steps (periodic checkpoints off)"
+    assert periodic, f"{case['config']}: TaskCheckpoint without every_n_train_steps (periodic checkpoints off)"
     for callback in callbacks:
         short = callback["class_path"].rpartition(".")[2]
         args = callback.setdefault("init_args", {}) or {}
