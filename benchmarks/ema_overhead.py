@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_cit.callbacks.ema import DynamicEMA
+from lightning_cit.callbacks.lcia.ema import DynamicEMA
 
 # (in_features, out_features) of Llama-3-8B's projections
 LLAMA3_8B = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096),

@@ -26,7 +26,7 @@ from lightning_cit.errors import ConfigError
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare-base": "lightning_cit.base:main",
-    "proxymix": "lightning_cit.proxymix:main",
+    "proxymix": "lightning_cit.callbacks.proxymix.commands:main",
     "convert-gguf": "lightning_cit.named_models:main",
     "report": "lightning_cit.report:main",
 }

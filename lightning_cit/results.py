@@ -109,3 +109,12 @@ def write_heatmap(path: str | os.PathLike, scores: dict[str, Any]) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def write_scores(out: str | os.PathLike, scores: dict[str, Any], heatmap: bool = True) -> None:
+    """The evaluator's files for one run: ``scores.json``, ``scores.csv`` (and ``scores.png``), each written atomically."""
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, "scores.json"), scores)
+    atomic_write_text(os.path.join(out, "scores.csv"), scores_csv(scores))
+    if heatmap:
+        write_heatmap(os.path.join(out, "scores.png"), scores)

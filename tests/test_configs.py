@@ -109,7 +109,7 @@ def test_every_config_file_is_in_a_composition_and_every_run_has_its_own_directo
 
 @pytest.mark.parametrize("path", list(TRAIN_CONFIGS))
 def test_proxymix_train_configs_run_the_right_episode_config(path):
-    from lightning_cit.proxymix import train_parser
+    from lightning_cit.callbacks.proxymix.commands import train_parser
 
     args = train_parser().parse_args(["--config", path])
     fit_args = list(args.fit_args)
@@ -194,7 +194,7 @@ def _fit_defaults() -> dict[tuple[str, ...], dict[str, Any]]:
 
 
 def _train_defaults() -> dict[tuple[str, ...], dict[str, Any]]:
-    from lightning_cit.proxymix import train_parser
+    from lightning_cit.callbacks.proxymix.commands import train_parser
 
     flat = train_parser().get_defaults().as_dict()
     out: dict[tuple[str, ...], dict[str, Any]] = {(): {}}

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO
 from lightning.pytorch.callbacks import Callback
 from lightning_cit.callbacks import AdapterEMA, DynamicEMA, InstructionGrouping
-from lightning_cit.callbacks.grouping import BASE, instruction_of, tfidf_pair_cosine
+from lightning_cit.callbacks.lcia.grouping import BASE, instruction_of, tfidf_pair_cosine
 from test_e2e import run
 
 from lightning_cit.cli import main, resolve_config

@@ -29,17 +29,17 @@ Other callbacks add to ``scores.json`` by registering a section with the module
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_cit.callbacks.evaluation.probes import ProbeLosses
 from lightning_cit.contract import ContinualCallback, Needs, ShardPlan
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import summarize
-from lightning_cit.results import atomic_write_json, atomic_write_text, format_table, scores_csv, write_heatmap
+from lightning_cit.results import format_table, write_scores
 
 REFUSAL_MARKERS = ("sorry", "i cannot", "i can't", "i can not", "i won't", "i will not")
 
@@ -80,9 +80,7 @@ class ForgettingEvaluator(ContinualCallback):
         self.loss_matrix: list[list[float]] = []
         self.eval_only: dict[str, dict[str, list[float]]] = {}
         self.safety_rows: list[dict[str, float]] = []
-        self.probe: dict[int, tuple[int, float]] = {}
-        self._last_probe_step = -1
-        self._fresh_probe = (-1, 0)  # (step, tasks covered) of the latest probe-split losses, if they are still the latest
+        self.probes = ProbeLosses()  # the probe service's numbers (callbacks/evaluation/probes.py)
 
     roles = ("scores",)
 
@@ -110,7 +108,7 @@ class ForgettingEvaluator(ContinualCallback):
 
     def latest_probe_losses(self, num_tasks: int) -> list[float | None]:
         """The latest probe loss of each trained task (None where none was measured yet)."""
-        return [self.probe[j][1] if j in self.probe else None for j in range(num_tasks)]
+        return self.probes.latest(num_tasks)
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -120,9 +118,9 @@ class ForgettingEvaluator(ContinualCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.probe_every_n_steps is None or step == self._last_probe_step or step % self.probe_every_n_steps:
+        if self.probe_every_n_steps is None or step == self.probes.last_probe_step or step % self.probe_every_n_steps:
             return
-        self._last_probe_step = step
+        self.probes.last_probe_step = step
         self.probe_seen_tasks(trainer, pl_module)
 
     def ensure_fresh_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -132,28 +130,12 @@ class ForgettingEvaluator(ContinualCallback):
         split's losses into the signals, and a trend across two different sample sets is meaningless.
         Every rank must call it (the losses are all-reduced).
         """
-        if self._fresh_probe != (trainer.global_step, pl_module.task_clock.task_of(trainer) + 1):
+        if not self.probes.is_fresh(trainer.global_step, pl_module.task_clock.task_of(trainer) + 1):
             self.probe_seen_tasks(trainer, pl_module)
 
     def probe_seen_tasks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Loss-only probe of the tasks trained so far (their probe split), kept as the controllers' signals."""
-        step = trainer.global_step
-        tasks = self._trained(trainer)
-        current = pl_module.task_clock.task_of(trainer)
-        was_training = pl_module.training
-        pl_module.eval()
-        metrics = {}
-        for j, task in enumerate(tasks[: current + 1]):
-            shard = ShardPlan(task.probe, trainer.world_size, trainer.global_rank)  # equal shards: every rank runs the same forwards
-            local = shard.keep(pl_module.sample_losses(shard.local)) if shard.local else []
-            loss_sum = float(sum(local))
-            totals = trainer.strategy.reduce(torch.tensor([loss_sum, float(len(local))], device=pl_module.device), reduce_op="sum")
-            loss = float(totals[0] / totals[1].clamp(min=1))
-            self.probe[j] = (step, loss)
-            metrics[f"probe/loss/{task.spec.name}"] = loss
-        self._fresh_probe = (step, current + 1)
-        if was_training:
-            pl_module.train()
+        metrics = self.probes.probe(trainer, pl_module, self._trained(trainer), pl_module.task_clock.task_of(trainer))
         _log(trainer, metrics)  # straight to the loggers: probes also run in hooks where self.log is not allowed
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
@@ -198,10 +180,7 @@ class ForgettingEvaluator(ContinualCallback):
         if safety is not None:
             self.safety_rows.append(safety)
         # every row goes into the probe signals too: the controllers' view at a task start
-        step = trainer.global_step
-        for j, loss in enumerate(loss_row):
-            self.probe[j] = (step, loss)
-        self._fresh_probe = (-1, 0)
+        self.probes.record_row(trainer.global_step, loss_row)
         scores = self.scores(trainer)
         # trainer.log_dir broadcasts under DDP, so every rank resolves it, then rank 0 writes
         self._write(self._out_dir(trainer), scores)
@@ -284,11 +263,7 @@ class ForgettingEvaluator(ContinualCallback):
 
     @rank_zero_only
     def _write(self, out: str, scores: dict[str, Any]) -> None:
-        os.makedirs(out, exist_ok=True)
-        atomic_write_json(os.path.join(out, "scores.json"), scores)
-        atomic_write_text(os.path.join(out, "scores.csv"), scores_csv(scores))
-        if self.heatmap:
-            write_heatmap(os.path.join(out, "scores.png"), scores)
+        write_scores(out, scores, heatmap=self.heatmap)
 
     @rank_zero_only
     def _print(self, scores: dict[str, Any]) -> None:
@@ -308,9 +283,7 @@ class ForgettingEvaluator(ContinualCallback):
             "loss_matrix": [list(r) for r in self.loss_matrix],
             "eval_only": {k: {kk: (list(vv) if isinstance(vv, list) else vv) for kk, vv in v.items()} for k, v in self.eval_only.items()},
             "safety_rows": [dict(r) for r in self.safety_rows],
-            "probe": {int(k): [int(v[0]), float(v[1])] for k, v in self.probe.items()},
-            "last_probe_step": self._last_probe_step,
-            "fresh_probe": list(self._fresh_probe),
+            **self.probes.state_dict(),
             "task_events": self.task_events(),
         }
 
@@ -320,9 +293,7 @@ class ForgettingEvaluator(ContinualCallback):
         self.loss_matrix = [list(r) for r in state_dict["loss_matrix"]]
         self.eval_only = {k: dict(v) for k, v in state_dict.get("eval_only", {}).items()}
         self.safety_rows = [dict(r) for r in state_dict.get("safety_rows", [])]
-        self.probe = {int(k): (int(v[0]), float(v[1])) for k, v in state_dict.get("probe", {}).items()}
-        self._last_probe_step = int(state_dict.get("last_probe_step", -1))
-        self._fresh_probe = tuple(int(v) for v in state_dict.get("fresh_probe", (-1, 0)))
+        self.probes.load_state_dict(state_dict)
         self.load_task_events(state_dict)
 
 

@@ -1,7 +1,7 @@
 """ProxyMix (Sharma et al., arXiv 2606.00400; methods.md §3): a learned replay controller, and Loss-Slope.
 
 :class:`ProxyMixController` reads a policy file trained with PPO on a small proxy model
-(``lightning-cit proxymix train``, :mod:`lightning_cit.proxymix`) and applies it, frozen, to any
+(``lightning-cit proxymix train``, :mod:`lightning_cit.callbacks.proxymix.commands`) and applies it, frozen, to any
 run. Every ``decision_interval`` (δ) optimizer steps, and at every task start, it
 
 1. probes the validation (probe-split) loss ℓ_i of every task seen so far (through the
@@ -48,7 +48,7 @@ import torch
 from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals, _find_evaluator
 
 from lightning_cit.errors import ConfigError
-from lightning_cit.ppo import ActorCritic, PolicySpec, load_policy, masked_softmax
+from lightning_cit.callbacks.proxymix.policy import ActorCritic, PolicySpec, load_policy, masked_softmax
 
 
 class NormalizedLosses:

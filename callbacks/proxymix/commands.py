@@ -5,7 +5,7 @@
   sequence, from the same initial weights, through the same DataModule and callbacks as any run
   (``fit_config``), with a :class:`~lightning_cit.callbacks.ProxyMixController` in explore mode that
   records (state, action, log-prob, value, reward) at every decision. After every
-  ``episodes_per_update`` episodes the policy is updated with PPO (:func:`lightning_cit.ppo.ppo_update`).
+  ``episodes_per_update`` episodes the policy is updated with PPO (:func:`lightning_cit.callbacks.proxymix.policy.ppo_update`).
   After every episode the training state (policy, optimizer, rollouts, history, RNG) is written
   atomically to ``work_dir/train_state.pt``; running the same command again continues from there
   (an interrupted episode is run again, from its start). The frozen policy goes to ``out``
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from lightning_cit.errors import ConfigError
-from lightning_cit.ppo import ActorCritic, PolicySpec, PPOConfig, load_policy, ppo_update, save_policy
+from lightning_cit.callbacks.proxymix.policy import ActorCritic, PolicySpec, PPOConfig, load_policy, ppo_update, save_policy
 
 STATE_FILE = "train_state.pt"
 
