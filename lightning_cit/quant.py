@@ -8,10 +8,12 @@ here without patching anything:
   FSDP's ``param_dtype`` (bf16 under ``bf16-mixed`` / ``bf16-true``); otherwise FSDP casts the packed
   bytes as if they were numbers and the base turns into noise. :func:`check_storage_matches_precision`
   refuses that combination.
-- **Wrapping.** :class:`QLoRAWrapPolicy` makes every decoder layer one FSDP unit and every module
-  whose own parameters are all trainable (the LoRA ``A``/``B`` leaves) a unit of its own, like
-  ``get_wrapping_policy`` in ``fsdp_qlora/train.py``: frozen 4-bit storage and fp32 adapters never
-  share a flat parameter (one dtype per flat parameter; no gradient buffer for frozen storage).
+- **Wrapping.** :class:`QLoRAWrapPolicy` makes every decoder layer (with its adapters) one FSDP unit, and
+  :func:`unify_layer_dtypes` holds a layer's norms and adapters in the storage dtype (one dtype per flat
+  parameter). The FSDP config stores the packed bytes as float32 and :func:`fsdp_mixed_precision` never casts
+  parameters (compute in autocast) and keeps buffers (RoPE ``inv_freq``) in float32.
+- **No sharding = DDP.** Where the 4-bit base fits one GPU (Llama-3-8B: ~6 GB), ``configs/gpu/llama3_8b_qlora_ddp.yaml``
+  replicates it with DDP: only the adapters' gradients are all-reduced, in a few buckets.
 - **Random weights without downloads.** ``model: random:llama3-8b`` (or ``random:<config.json>``) builds
   the architecture with seeded random weights and quantizes it while loading, for speed and memory
   benchmarks; the same seed gives the same base, so adapter-only checkpoints load back onto it.
@@ -205,22 +207,128 @@ def storage_dtype(spec: dict[str, Any] | None) -> torch.dtype | None:
     return None if spec is None else DTYPES[spec["quant_storage"]]
 
 
-def check_storage_matches_precision(spec: dict[str, Any] | None, trainer: Any) -> None:
-    """Under FSDP the 4-bit storage dtype must equal FSDP's ``param_dtype`` (fsdp_qlora README, Limitations)."""
-    if spec is None or trainer is None:
-        return
+def fsdp_mixed_precision(spec: dict[str, Any] | None, trainer: Any) -> Any:
+    """The FSDP mixed-precision policy lightning-cit runs with, set on ``trainer.strategy`` when the config gives none.
+
+    Lightning's ``FSDPPrecision`` for ``bf16-mixed`` casts *buffers* to bf16 too, so the rotary embedding's
+    ``inv_freq`` turns bf16 at the first forward (with Llama-3's ``rope_theta`` 500k the phase at position
+    2047 is then off by up to 3.7 rad). The policy set here keeps ``buffer_dtype=float32`` and:
+
+    - without quantization, the precision plugin's ``param_dtype``/``reduce_dtype`` (bf16 under ``bf16-mixed``);
+    - with a 4-bit base, ``param_dtype=None`` (no cast): FSDP never casts the packed 4-bit bytes, each unit
+      keeps its own dtype (the decoder layers the storage dtype, embeddings and head bf16), and the compute
+      runs in the plugin's autocast, as on a single device. This is Answer.AI ``fsdp_qlora``'s
+      ``mp_bf16_autocast`` mode.
+
+    A policy given in the config (``strategy.init_args.mixed_precision``) is kept and checked instead.
+    Returns the policy in force (None outside FSDP).
+    """
+    if trainer is None:
+        return None
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if not isinstance(trainer.strategy, FSDPStrategy):
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDPStrategy):
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    if strategy.mixed_precision is None:  # FSDPStrategy's public constructor argument, read by its mixed_precision_config
+        plugin = strategy.mixed_precision_config
+        if spec is not None:
+            strategy.mixed_precision = MixedPrecision(param_dtype=None, reduce_dtype=None, buffer_dtype=torch.float32)
+        else:
+            strategy.mixed_precision = MixedPrecision(
+                param_dtype=plugin.param_dtype if plugin else None, reduce_dtype=plugin.reduce_dtype if plugin else None, buffer_dtype=torch.float32
+            )
+    return strategy.mixed_precision
+
+
+def check_storage_matches_precision(spec: dict[str, Any] | None, trainer: Any) -> None:
+    """Under FSDP the packed 4-bit storage must be a float dtype that FSDP never casts (fsdp_qlora README, Limitations),
+    and the policy must keep buffers (RoPE ``inv_freq``) in float32."""
+    policy = fsdp_mixed_precision(spec, trainer)
+    if policy is None:
         return
-    precision = str(trainer.precision)
-    param_dtype = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32}.get(precision.split("-")[0])
-    storage = DTYPES[spec["quant_storage"]]
-    if storage != param_dtype:
+    if policy.buffer_dtype not in (None, torch.float32):
         raise ConfigError(
-            f"model.quantization.quant_storage={spec['quant_storage']} but trainer.precision={precision} makes FSDP cast "
-            f"parameters to {param_dtype}: FSDP would cast the packed 4-bit bytes and destroy the base. Set quant_storage to "
-            + {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(param_dtype, "a float dtype")
+            f"trainer.strategy.init_args.mixed_precision has buffer_dtype={policy.buffer_dtype}: the rotary embedding's inv_freq "
+            "would be rounded (phase errors of radians at long positions); use buffer_dtype float32"
+        )
+    if spec is None:
+        return
+    storage = DTYPES[spec["quant_storage"]]
+    if not storage.is_floating_point:
+        raise ConfigError(
+            f"model.quantization.quant_storage={spec['quant_storage']} under FSDP: FSDP only flattens and shards float tensors; "
+            "set quant_storage to float32 (adapters keep fp32 weights) or bfloat16 (adapters in bf16)"
+        )
+    if policy.param_dtype is not None and policy.param_dtype != storage:
+        name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(policy.param_dtype, str(policy.param_dtype))
+        raise ConfigError(
+            f"model.quantization.quant_storage={spec['quant_storage']} but the FSDP mixed-precision policy casts parameters to "
+            f"{policy.param_dtype}: FSDP would cast the packed 4-bit bytes and destroy the base. Set quant_storage to {name}, "
+            "or leave trainer.strategy.init_args.mixed_precision unset (lightning-cit's policy never casts the 4-bit storage)"
+        )
+
+
+def decoder_layers(model: torch.nn.Module, layer_classes: tuple[type, ...] | None = None) -> list[torch.nn.Module]:
+    """The decoder layers of a (peft-wrapped) HF model: ``layer_classes`` or the model's ``_no_split_modules``."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if (isinstance(m, layer_classes) if layer_classes else type(m).__name__ in names)]
+
+
+def unify_layer_dtypes(model: torch.nn.Module, spec: dict[str, Any], layer_classes: tuple[type, ...] | None = None) -> int:
+    """Hold every non-quantized parameter inside a decoder layer (norms, LoRA A/B) in the 4-bit storage dtype.
+
+    Under FSDP each decoder layer is one unit and one flat parameter, and a flat parameter has one dtype:
+    with ``quant_storage: float32`` (the FSDP config) the norms are upcast (exact) and the adapters keep
+    fp32 weights; with ``bfloat16`` the adapters train in bf16. Returns the number of tensors cast.
+    """
+    import bitsandbytes as bnb
+
+    storage = DTYPES[spec["quant_storage"]]
+    cast = 0
+    for layer in decoder_layers(model, layer_classes):
+        for param in layer.parameters():
+            if not isinstance(param, bnb.nn.Params4bit) and param.is_floating_point() and param.dtype != storage:
+                param.data = param.data.to(storage)
+                cast += 1
+    return cast
+
+
+def check_trainable_get_gradients(model: torch.nn.Module, context: Any = None) -> None:
+    """Fail loudly at setup if a trainable tensor (a LoRA ``A``/``B``) would get no gradient.
+
+    One forward and backward of four tokens (RNG states restored, gradients cleared). The classic silent failure:
+    reentrant activation checkpointing whose checkpointed inputs do not require grad (a frozen embedding's output)
+    runs the layers' backward not at all, so no adapter inside a checkpointed layer ever trains. ``context``: the
+    trainer's forward context (autocast under ``*-mixed``), as in a training step.
+    """
+    import contextlib
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), context or contextlib.nullcontext():
+            out = model(input_ids=torch.arange(1, 5, device=device).unsqueeze(0), use_cache=False)
+            out.logits.float().sum().backward()
+        missing = [n for n, p in trainable if p.grad is None]
+    finally:
+        for _, p in trainable:
+            p.grad = None
+        model.train(was_training)
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} of {len(trainable)} trainable tensors get no gradient (e.g. {missing[0]}): with reentrant "
+            "activation checkpointing the layers' inputs must require grad (model.enable_input_require_grads()); use "
+            "model.gradient_checkpointing: non_reentrant, or keep the embeddings' output requiring grad"
         )
 
 
@@ -237,19 +345,24 @@ def _import_class(path: str | type) -> type:
 
 
 class QLoRAWrapPolicy:
-    """FSDP auto-wrap policy for QLoRA: each ``layer_classes`` module is one FSDP unit, every module whose
-    own parameters are all trainable (the LoRA ``A``/``B`` linears) is one, and so is every other leaf with
-    parameters outside the layers (embeddings, final norm, head).
+    """FSDP auto-wrap policy for QLoRA: each ``layer_classes`` module (a decoder layer, with its LoRA adapters
+    and norms) is one FSDP unit, and so is every leaf with parameters outside the layers (embeddings, final
+    norm, head).
 
-    The first two rules are Answer.AI's ``get_wrapping_policy`` (``lambda_auto_wrap_policy`` OR
-    ``transformer_auto_wrap_policy``): frozen packed storage and trainable adapters live in different
-    flat parameters, so the adapters keep their fp32 master copy and no gradient buffer is allocated
-    for the frozen base. The third leaves the root unit without parameters of its own: with
-    ``use_orig_params=True`` (Lightning's default) a root whose flat parameter is entirely frozen gets no
-    post-backward hook, its parameters stay plain tensors after the step, and a full state dict then
-    fails ("FSDP assumes ...embed_tokens.weight is in the state_dict"; torch 2.13, reproduced on CPU).
-    Leaves holding a tied parameter (tied input/output embeddings) stay in the root, since FSDP cannot
-    split one parameter over two units. Pass it as ``trainer.strategy.init_args.auto_wrap_policy``.
+    One unit per layer means one all-gather and one reduce-scatter per layer (32 for Llama-3-8B), instead of
+    Answer.AI ``fsdp_qlora``'s extra unit per LoRA ``A``/``B`` (448 tiny units and collectives). A flat
+    parameter has one dtype, so :func:`unify_layer_dtypes` holds a layer's norms and adapters in the 4-bit
+    storage dtype (float32 in the FSDP config: fp32 adapters, packed bytes never cast, see
+    :func:`fsdp_mixed_precision`). Frozen storage and trainable adapters then share a flat parameter: with
+    ``use_orig_params=True`` (Lightning's default) FSDP supports that, and its gradient buffer spans the
+    layer's storage too (one layer unsharded at a time, the rest sharded).
+
+    The outside leaves get units so that the root keeps no parameters of its own: with ``use_orig_params=True``
+    a root whose flat parameter is entirely frozen gets no post-backward hook, its parameters stay plain tensors
+    after the step, and a full state dict then fails ("FSDP assumes ...embed_tokens.weight is in the state_dict";
+    torch 2.13, reproduced on CPU). Leaves holding a tied parameter (tied input/output embeddings) stay in the
+    root, since FSDP cannot split one parameter over two units. Pass it as
+    ``trainer.strategy.init_args.auto_wrap_policy``.
 
     Args:
         layer_classes: dotted class names (or classes) of the decoder layer, e.g.
@@ -273,17 +386,16 @@ class QLoRAWrapPolicy:
                     counts[id(param)] = counts.get(id(param), 0) + 1
                 self._tied = {key for key, n in counts.items() if n > 1}
             if isinstance(module, self.layer_classes):
-                self._inside_layers.update(id(m) for m in module.modules())
-            return True
+                self._inside_layers.update(id(m) for m in module.modules() if m is not module)
+                return True  # a layer answers "wrap?" after its children, which all say no
+            return id(module) not in self._inside_layers  # nothing inside a layer is wrapped on its own
         if isinstance(module, self.layer_classes):
             return True
         own = list(module.parameters(recurse=False))
-        if not own:
+        if not own or id(module) in self._inside_layers:
             return False
-        if all(p.requires_grad for p in own):
-            return True
         is_leaf = next(module.children(), None) is None
-        return is_leaf and id(module) not in self._inside_layers and not any(id(p) in self._tied for p in own)
+        return is_leaf and not any(id(p) in self._tied for p in own)
 
 
 __all__ = [
@@ -291,7 +403,11 @@ __all__ = [
     "QLoRAWrapPolicy",
     "bnb_config",
     "check_storage_matches_precision",
+    "check_trainable_get_gradients",
+    "decoder_layers",
+    "fsdp_mixed_precision",
     "load_causal_lm",
     "quantization_spec",
     "random_architecture",
+    "unify_layer_dtypes",
 ]

@@ -23,8 +23,9 @@ from lightning_cit.errors import ConfigError
 from lightning_cit.module import ContinualLM
 from lightning_cit.quant import QLoRAWrapPolicy, check_storage_matches_precision, quantization_spec, random_architecture
 
-GPU_CONFIGS = ["llama3_8b_qlora.yaml", "llama3_8b_qlora_fsdp.yaml"]
+GPU_CONFIGS = ["llama3_8b_qlora.yaml", "llama3_8b_qlora_ddp.yaml", "llama3_8b_qlora_fsdp.yaml"]
 QUANT = {"quant_type": "nf4", "compute_dtype": "bfloat16", "quant_storage": "bfloat16", "double_quant": True}
+QUANT_FSDP = dict(QUANT, quant_storage="float32")  # the FSDP config: a decoder layer (4-bit bytes, norms, adapters) is one fp32 flat parameter
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 STEPS = 3
 
@@ -40,6 +41,7 @@ def twin_config(tmp_path: Path, fsdp: bool, losses: Path, n_tasks: int = 2) -> P
         trainer["strategy"]["init_args"]["precision_plugin"] = {"class_path": "helpers_fsdp.CPUFSDPPrecision", "init_args": {"precision": trainer.pop("precision")}}
     else:
         trainer["strategy"] = "auto"
+        config["model"]["fused_loss"] = True  # the single-GPU config's loss (and non-reentrant checkpointing, as off FSDP)
     callbacks = trainer["callbacks"]
     callbacks[1]["init_args"].update(probe_every_n_steps=2, heatmap=False)
     callbacks[3]["init_args"]["every_n_train_steps"] = 2
@@ -70,16 +72,37 @@ def test_quantization_option_accepts_the_shorthand_and_a_dict_and_names_bad_fiel
         ContinualLM(model="random:llama9")
 
 
-def test_fsdp_refuses_a_quant_storage_that_differs_from_its_param_dtype():
+def test_fsdp_policy_keeps_buffers_fp32_never_casts_4bit_storage_and_refuses_what_would():
     from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    from lightning_cit.quant import fsdp_mixed_precision
 
     class Trainer:  # the two attributes the check reads
-        strategy = FSDPStrategy()
-        precision = "bf16-mixed"
+        def __init__(self, **kwargs) -> None:
+            self.strategy = FSDPStrategy(precision_plugin=None, **kwargs)
+            self.precision = "bf16-mixed"
 
-    check_storage_matches_precision(quantization_spec(QUANT), Trainer())
-    with pytest.raises(ConfigError, match="quant_storage=uint8.*bfloat16"):
-        check_storage_matches_precision(quantization_spec("nf4"), Trainer())
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    def trainer(**kwargs):
+        t = Trainer(**kwargs)
+        t.strategy.precision_plugin = FSDPPrecision("bf16-mixed")
+        return t
+
+    t = trainer()
+    check_storage_matches_precision(quantization_spec(QUANT_FSDP), t)
+    policy = t.strategy.mixed_precision_config  # what Lightning hands to FSDP
+    assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (None, None, torch.float32)
+    t = trainer()
+    assert fsdp_mixed_precision(None, t) == MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.float32)
+    check_storage_matches_precision(quantization_spec(QUANT), trainer())  # bf16 storage: fine too (bf16 adapters)
+    with pytest.raises(ConfigError, match="quant_storage=uint8 under FSDP.*float tensors"):
+        check_storage_matches_precision(quantization_spec("nf4"), trainer())
+    with pytest.raises(ConfigError, match="quant_storage=float32 but.*casts parameters to torch.bfloat16.*bfloat16"):
+        check_storage_matches_precision(quantization_spec(QUANT_FSDP), trainer(mixed_precision=MixedPrecision(param_dtype=torch.bfloat16)))
+    with pytest.raises(ConfigError, match="buffer_dtype=torch.bfloat16.*inv_freq"):
+        check_storage_matches_precision(None, trainer(mixed_precision=MixedPrecision(buffer_dtype=torch.bfloat16)))
 
 
 def test_llama3_8b_preset_has_the_published_parameter_count():
@@ -91,18 +114,17 @@ def test_llama3_8b_preset_has_the_published_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Meta-Llama-3-8B
 
 
-def test_wrap_policy_wraps_layers_adapters_and_the_leaves_outside_layers():
+def test_wrap_policy_wraps_decoder_layers_and_the_leaves_outside_them_only():
     module = ContinualLM(model="random:tiny-llama", lora=LORA)
     module.configure_model()
     policy = QLoRAWrapPolicy(["transformers.models.llama.modeling_llama.LlamaDecoderLayer"])
     named = list(module.named_modules())
-    for _, m in named:  # FSDP's order: "descend?" top-down before "wrap?" bottom-up
-        policy(m, recurse=True, nonwrapped_numel=0)
+    descended = {name for name, m in named if policy(m, recurse=True, nonwrapped_numel=0)}  # FSDP's order: top-down first
     wrapped = {name for name, m in named if policy(m, recurse=False, nonwrapped_numel=0)}
     layers = {n for n in wrapped if n.endswith(("layers.0", "layers.1"))}
-    adapters = {n for n in wrapped if ".lora_A." in n or ".lora_B." in n}
-    assert len(layers) == 2 and len(adapters) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
-    outside = wrapped - layers - adapters  # the root keeps no parameters of its own
+    assert len(layers) == 2 and not any(".lora_" in n for n in wrapped)  # adapters stay inside their layer's unit
+    assert not any(".layers.0." in n for n in descended)  # nothing inside a layer is visited for wrapping
+    outside = wrapped - layers  # the root keeps no parameters of its own
     assert {n.rsplit(".", 1)[-1] for n in outside} == {"embed_tokens", "norm", "lm_head"}
     with pytest.raises(ConfigError, match="cannot import"):
         QLoRAWrapPolicy(["transformers.NoSuchLayer"])
@@ -115,7 +137,8 @@ def test_gpu_configs_parse_with_the_cli(name, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
-    assert model["quantization"] == QUANT and model["gradient_checkpointing"] is True
+    assert model["quantization"] == (QUANT_FSDP if name.endswith("fsdp.yaml") else QUANT) and model["gradient_checkpointing"] is True
+    assert model["fused_loss"] is (not name.endswith("fsdp.yaml"))  # under FSDP the head is a unit of its own
     assert len(model["lora"]["target_modules"]) == 7
     assert printed["trainer"]["precision"] == "bf16-mixed"
     paths = [c["class_path"] for c in printed["trainer"]["callbacks"]]
@@ -124,6 +147,9 @@ def test_gpu_configs_parse_with_the_cli(name, capsys):
         strategy = printed["trainer"]["strategy"]
         assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
         assert strategy["init_args"]["auto_wrap_policy"]["class_path"] == "lightning_cit.quant.QLoRAWrapPolicy"
+        assert strategy["init_args"]["sharding_strategy"] == "FULL_SHARD"  # no sharding: the DDP config
+    if name.endswith("ddp.yaml"):
+        assert printed["trainer"]["strategy"] == "ddp"
 
 
 # ------------------------------------------------------------------------ 4-bit checkpoint round trip
@@ -164,7 +190,7 @@ def test_4bit_base_survives_an_adapter_only_checkpoint_round_trip(tmp_path):
         weight = layer.weight
         assert isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized
         assert weight.quant_state is not None and weight.quant_state.quant_type == "nf4"
-        assert weight.dtype == torch.bfloat16  # the storage dtype, packed: two 4-bit values per byte
+        assert weight.dtype == torch.float32  # the FSDP config's storage dtype, packed: two 4-bit values per byte
         assert weight.numel() * weight.element_size() * 2 == layer.in_features * layer.out_features
         assert tuple(weight.quant_state.shape) == (layer.out_features, layer.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer's bf16-mixed context gave `trained`
@@ -199,6 +225,12 @@ def test_fsdp_world_size_one_matches_single_device_losses(tmp_path):
     # bf16 compute: the two paths round differently (autocast vs FSDP's parameter cast), not more
     assert fsdp == pytest.approx(single, rel=2e-2)
     assert single[-1] < single[0]  # it learns
+    setup = json.loads(Path(str(fsdp_losses) + ".setup.json").read_text())
+    # RoPE stays float32 under FSDP + bf16-mixed; one unit per layer (+ embeddings, final norm, head; the root has none):
+    # a layer is one float32 flat parameter (4-bit bytes, norms, fp32 adapters), the frozen outside leaves stay bf16
+    assert setup["inv_freq"] == ["torch.float32"] and setup["adapters"] == ["torch.float32"], setup
+    assert setup["fsdp_units"] == 1 + 2 + 3 and setup["flat_params"] == ["torch.bfloat16/requires_grad=False", "torch.float32/requires_grad=True"], setup
+    assert json.loads(Path(str(single_losses) + ".setup.json").read_text())["inv_freq"] == ["torch.float32"]
     checkpoint = torch.load(next((tmp_path / "fsdp").rglob("last.ckpt")), weights_only=True)
     assert checkpoint["state_dict"] and all(".lora_" in k for k in checkpoint["state_dict"])
     assert all(isinstance(k, str) and ".lora_" in k for k in checkpoint["optimizer_states"][0]["state"])  # keyed by name
