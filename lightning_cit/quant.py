@@ -15,8 +15,9 @@ here without patching anything:
 - **No sharding = DDP.** Where the 4-bit base fits one GPU (Llama-3-8B: ~6 GB), ``configs/gpu/llama3_8b_qlora_ddp.yaml``
   replicates it with DDP: only the adapters' gradients are all-reduced, in a few buckets.
 - **Random weights without downloads.** ``model: random:llama3-8b`` (or ``random:<config.json>``) builds
-  the architecture with seeded random weights and quantizes it while loading, for speed and memory
-  benchmarks; the same seed gives the same base, so adapter-only checkpoints load back onto it.
+  the architecture on the meta device and loads seeded random weights tensor by tensor, quantizing each as
+  it loads (like a checkpoint), for speed and memory benchmarks; the same seed gives the same base, so
+  adapter-only checkpoints load back onto it.
 
 Lightning's ``BitsandbytesPrecision`` plugin is not used: ``FSDPStrategy`` accepts only its own
 precision plugin, and the plugin's ``uint8`` storage cannot be sharded (landscape.md §5.3).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any
 
 import torch
@@ -146,42 +148,77 @@ def random_architecture(model: str) -> Any:
 def load_causal_lm(source: str, quantization: dict[str, Any] | None, device: torch.device | None = None) -> Any:
     """A causal LM from a local checkpoint directory or ``random:<architecture>``, 4-bit when ``quantization`` is set.
 
-    On CUDA the weights are quantized straight onto ``device`` (``device_map``), never held in
-    full precision on the host. Without quantization the checkpoint's own dtype is kept.
+    Both go through ``from_pretrained``, which builds the model on the meta device and loads (and quantizes) one
+    tensor at a time: from a checkpoint's safetensors, or for ``random:`` from :class:`RandomTensor` values
+    generated on demand, on the target device and in the load dtype. On CUDA the weights are placed straight
+    onto ``device`` (``device_map``), never held in full precision on the host or all at once. Peak while loading
+    ≈ the final size + the largest tensor (``benchmarks/load_memory.py``). Without quantization a checkpoint keeps
+    its own dtype.
     """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
+    on_cuda = device is not None and device.type == "cuda"
+    if on_cuda:
+        kwargs["device_map"] = {"": device}
     if quantization is not None:
         kwargs["quantization_config"] = bnb_config(quantization)
-        # non-quantized parameters (norms, embeddings, head) in the compute dtype; under FSDP they
-        # share flat parameters with the packed storage, so they must not be upcast to fp32 either
+        # non-quantized parameters (norms, embeddings, head) in the compute dtype, not fp32 (~2 GB more for an 8B model)
         kwargs["dtype"] = compute_dtype(quantization)
-        if device is not None and device.type == "cuda":
-            kwargs["device_map"] = {"": device}
     if not is_random(source):
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), local_files_only=True, **kwargs)
         return keep_trainable_4bit_layout(model) if quantization is not None else model
     config = random_architecture(source)
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
-    dtype = kwargs.get("dtype", torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32)
-    build_device = device if device is not None and device.type == "cuda" else torch.device("cpu")
-    devices = [build_device.index or 0] if build_device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.device(build_device):
-        torch.manual_seed(RANDOM_SEED)
-        if build_device.type == "cuda":
-            torch.cuda.manual_seed(RANDOM_SEED)
-        model = model_class(config).to(dtype)
-    if quantization is None:
-        return model
-    # quantized while "loading" the random weights, exactly like a checkpoint from disk
-    state = model.state_dict()
-    del model
-    quantized = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
-    del state
-    if build_device.type == "cuda":
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]  # no public name-to-class lookup for a config
+    kwargs.setdefault("dtype", torch.bfloat16 if on_cuda else torch.float32)
+    state = random_state_dict(model_class, config, kwargs["dtype"], device if on_cuda else torch.device("cpu"))
+    model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    if on_cuda:
         torch.cuda.empty_cache()
-    return keep_trainable_4bit_layout(quantized)
+    return keep_trainable_4bit_layout(model) if quantization is not None else model
+
+
+class RandomTensor:
+    """A state-dict value that becomes a seeded random tensor only when transformers loads it (``value[...]``, the
+    way it reads a safetensors slice): N(0, ``initializer_range``) for linear and embedding weights, ones for norm
+    weights, zeros for biases. The seed depends on :data:`RANDOM_SEED` and the name only, so every build, rank and
+    device order gives the same base."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], kind: str, std: float, dtype: torch.dtype, device: torch.device) -> None:
+        self.name, self.shape, self.kind, self.std, self.dtype, self.device = name, tuple(shape), kind, std, dtype, device
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if self.kind == "ones":
+            return torch.ones(self.shape, dtype=self.dtype, device=self.device)[index]
+        if self.kind == "zeros":
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)[index]
+        generator = torch.Generator(device=self.device).manual_seed(RANDOM_SEED * 2**32 + zlib.crc32(self.name.encode()))
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device).normal_(0.0, self.std, generator=generator)[index]
+
+
+def random_state_dict(model_class: type, config: Any, dtype: torch.dtype, device: torch.device) -> dict[str, RandomTensor]:
+    """Every parameter of ``model_class(config)`` (built on the meta device, no memory) as a :class:`RandomTensor`."""
+    with torch.device("meta"):
+        skeleton = model_class(config)
+    std = float(getattr(config, "initializer_range", 0.02))
+    state: dict[str, RandomTensor] = {}
+    for module_name, module in skeleton.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if name == "bias":
+                kind = "zeros"
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                kind = "normal"
+            else:
+                kind = "ones"  # RMSNorm / LayerNorm weights
+            state[full] = RandomTensor(full, param.shape, kind, std, dtype, device)
+    return state
 
 
 def keep_trainable_4bit_layout(model: torch.nn.Module) -> torch.nn.Module:
@@ -315,14 +352,18 @@ def check_trainable_get_gradients(model: torch.nn.Module, context: Any = None) -
     was_training = model.training
     model.train()
     devices = [device.index or 0] if device.type == "cuda" else []
+    kept = [p.grad for _, p in trainable]
+    for _, p in trainable:
+        p.grad = None
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), context or contextlib.nullcontext():
             out = model(input_ids=torch.arange(1, 5, device=device).unsqueeze(0), use_cache=False)
-            out.logits.float().sum().backward()
+            if out.logits.requires_grad:  # not even that when every adapter sits in a layer the graph skipped
+                out.logits.float().sum().backward()
         missing = [n for n, p in trainable if p.grad is None]
     finally:
-        for _, p in trainable:
-            p.grad = None
+        for (_, p), grad in zip(trainable, kept):
+            p.grad = grad
         model.train(was_training)
     if missing:
         raise ConfigError(

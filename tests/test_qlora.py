@@ -265,3 +265,34 @@ def test_an_evaluation_pass_does_not_change_4bit_training_gradients():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(m.weight.quant_state is not None and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                for m in module.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+
+
+def test_setup_refuses_adapters_without_gradients_and_both_checkpointing_modes_give_the_same_gradients():
+    """configure_model runs one tiny forward/backward and fails loudly if a LoRA tensor would get no gradient (the
+    classic: reentrant checkpointing whose layer inputs do not require grad). Non-reentrant (default off FSDP) and
+    reentrant (under FSDP) checkpointing give the same adapter gradients as no checkpointing."""
+    from lightning_cit.quant import check_trainable_get_gradients
+
+    tokens = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads, modules = {}, {}
+    for mode in (False, "non_reentrant", "reentrant"):
+        torch.manual_seed(0)  # the same LoRA init
+        module = ContinualLM(model="random:tiny-llama", lora=dict(LORA, init_lora_weights=False), quantization=QUANT, gradient_checkpointing=mode)
+        module.configure_model()  # includes the gradient check
+        assert module.model.is_gradient_checkpointing is bool(mode)
+        module.train()
+        module.model(input_ids=tokens, labels=tokens).loss.backward()
+        grads[mode] = [p.grad for n, p in module.named_parameters() if p.requires_grad]
+        modules[mode] = module
+    assert len(grads[False]) == 2 * 7 * 2
+    for mode in ("non_reentrant", "reentrant"):
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[mode], grads[False])), mode
+    # a frozen embedding whose output does not require grad (transformers and peft each hook it to require grad
+    # under reentrant checkpointing; a detaching hook undoes both): reentrant checkpointing then trains no adapter
+    for mode in ("reentrant", "non_reentrant"):
+        modules[mode].model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.detach())
+    with pytest.raises(ConfigError, match=r"28 of 28 trainable tensors get no gradient.*non_reentrant"):
+        check_trainable_get_gradients(modules["reentrant"].model)
+    check_trainable_get_gradients(modules["non_reentrant"].model)  # non-reentrant needs no input grads
+    with pytest.raises(ConfigError, match="gradient_checkpointing='sometimes'"):
+        ContinualLM(model="random:tiny-llama", lora=LORA, gradient_checkpointing="sometimes")
