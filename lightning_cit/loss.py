@@ -29,6 +29,9 @@ from lightning_cit.collate import IGNORE_INDEX
 
 DEFAULT_CHUNK_TOKENS = 1024
 """Rows per chunk: 1,024 x 128,256 x 4 bytes = 0.5 GiB of float32 logits at a time for Llama-3."""
+UNCHUNKED_MAX_BYTES = 64 * 2**20
+"""Below this size of float32 logits :func:`per_sample_loss` computes in one piece, bit for bit the former loss
+(small models' results stay reproducible); any Llama-3 batch (1 GiB per 2,048 tokens) is far above it."""
 
 
 def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,12 +83,18 @@ class _ChunkedLogitsNLL(torch.autograd.Function):
         return grad.mul_(grad_sums.to(grad.dtype)[:, None, None]), None, None
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                    unchunked_max_bytes: int = UNCHUNKED_MAX_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-mean loss of each sample and its number of target tokens (labels aligned to inputs; position t
-    predicts label t+1), computed ``chunk_tokens`` positions of one sample at a time."""
+    predicts label t+1), computed ``chunk_tokens`` positions of one sample at a time once the float32 logits
+    would exceed ``unchunked_max_bytes``."""
     _check_chunk(chunk_tokens)
     shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    if shift_logits.numel() * 4 <= unchunked_max_bytes:
+        token = F.cross_entropy(shift_logits.float().reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                reduction="none").view(shift_labels.shape)
+        return token.sum(dim=1) / counts.clamp(min=1), counts
     if torch.is_grad_enabled() and logits.requires_grad:
         sums = _ChunkedLogitsNLL.apply(shift_logits, shift_labels, chunk_tokens)
     else:
@@ -122,4 +131,4 @@ def per_sample_loss_from_hidden(hidden: torch.Tensor, head: Callable[[torch.Tens
     return torch.stack(sums) / counts.clamp(min=1), counts
 
 
-__all__ = ["DEFAULT_CHUNK_TOKENS", "per_sample_loss", "per_sample_loss_from_hidden"]
+__all__ = ["DEFAULT_CHUNK_TOKENS", "UNCHUNKED_MAX_BYTES", "per_sample_loss", "per_sample_loss_from_hidden"]

@@ -61,7 +61,7 @@ def test_chunked_losses_equal_the_unchunked_loss_and_its_gradients(chunk):
     hidden.requires_grad_()
     ref, ref_counts = reference_loss(head(hidden), labels)
     (ref_grad,) = torch.autograd.grad((ref * ref_counts).sum(), hidden)
-    for fn in (lambda: per_sample_loss(head(hidden), labels, chunk), lambda: per_sample_loss_from_hidden(hidden, head, labels, chunk)):
+    for fn in (lambda: per_sample_loss(head(hidden), labels, chunk, unchunked_max_bytes=0), lambda: per_sample_loss_from_hidden(hidden, head, labels, chunk)):
         losses, counts = fn()
         assert torch.equal(counts, ref_counts) and losses[2] == 0
         torch.testing.assert_close(losses, ref, rtol=1e-6, atol=1e-6)
@@ -69,7 +69,10 @@ def test_chunked_losses_equal_the_unchunked_loss_and_its_gradients(chunk):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)  # matmul blocking differs per chunk
     # in bf16 (the logits under autocast) the chunked loss equals the float32 cross-entropy of those bf16 logits
     logits16 = head(hidden).detach().bfloat16()
-    torch.testing.assert_close(per_sample_loss(logits16, labels, 7)[0], reference_loss(logits16, labels)[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_sample_loss(logits16, labels, 7, 0)[0], reference_loss(logits16, labels)[0], rtol=1e-6, atol=1e-6)
+    # small logits: computed in one piece, bit for bit the former loss and its gradient
+    losses, counts = per_sample_loss(head(hidden), labels, chunk)
+    assert torch.equal(losses, ref) and torch.equal(torch.autograd.grad((losses * counts).sum(), hidden)[0], ref_grad)
 
 
 def test_loss_memory_is_a_fixed_multiple_of_one_chunk_whatever_the_sequence():
@@ -83,7 +86,7 @@ def test_loss_memory_is_a_fixed_multiple_of_one_chunk_whatever_the_sequence():
         head.weight.requires_grad_(False)  # a frozen head, as under LoRA
         hidden.requires_grad_()
         for name, fn in (("fused", lambda: per_sample_loss_from_hidden(hidden, head, labels, chunk)),
-                         ("logits", lambda: per_sample_loss(head(hidden), labels, chunk)),
+                         ("logits", lambda: per_sample_loss(head(hidden), labels, chunk, unchunked_max_bytes=0)),
                          ("reference", lambda: reference_loss(head(hidden), labels))):
             with LiveBytes() as tracker:
                 losses, counts = fn()
