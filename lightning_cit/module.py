@@ -31,9 +31,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
-from lightning_cit.collate import IGNORE_INDEX, Collator, left_padded_prompts
+from lightning_cit.collate import Collator, left_padded_prompts
 from lightning_cit.errors import ConfigError
 from lightning_cit.loss import DEFAULT_CHUNK_TOKENS, per_sample_loss, per_sample_loss_from_hidden  # per_sample_loss: re-exported
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS

@@ -3,11 +3,12 @@
 What made FSDP + 4-bit work elsewhere (Answer.AI ``fsdp_qlora``; bitsandbytes#970) is reproduced
 here without patching anything:
 
-- **Float quant storage.** FSDP only flattens and shards float tensors, so the packed 4-bit weights
-  are stored as ``quant_storage: bfloat16`` (bnb's ``Params4bit(quant_storage=...)``), which must equal
-  FSDP's ``param_dtype`` (bf16 under ``bf16-mixed`` / ``bf16-true``); otherwise FSDP casts the packed
-  bytes as if they were numbers and the base turns into noise. :func:`check_storage_matches_precision`
-  refuses that combination.
+- **Float quant storage, never cast.** FSDP only flattens and shards float tensors, so the packed 4-bit
+  weights are stored as a float dtype (bnb's ``Params4bit(quant_storage=...)``; ``float32`` in the FSDP
+  config), and FSDP must never cast them as if they were numbers (the base would turn into noise):
+  :func:`fsdp_mixed_precision` sets ``param_dtype=None`` with a 4-bit base (compute in autocast) and
+  ``buffer_dtype=float32`` (RoPE), and :func:`check_storage_matches_precision` refuses uint8 storage or a
+  configured policy whose ``param_dtype`` differs from the storage.
 - **Wrapping.** :class:`QLoRAWrapPolicy` makes every decoder layer (with its adapters) one FSDP unit, and
   :func:`unify_layer_dtypes` holds a layer's norms and adapters in the storage dtype (one dtype per flat
   parameter). The FSDP config stores the packed bytes as float32 and :func:`fsdp_mixed_precision` never casts
@@ -267,8 +268,13 @@ def fsdp_mixed_precision(spec: dict[str, Any] | None, trainer: Any) -> Any:
     strategy = trainer.strategy
     if not isinstance(strategy, FSDPStrategy):
         return None
-    from torch.distributed.fsdp import MixedPrecision
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 
+    if strategy.sharding_strategy == ShardingStrategy.NO_SHARD:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn("FSDP with sharding_strategy NO_SHARD replicates the model like DDP, with a collective per FSDP unit: "
+                       "use trainer.strategy: ddp (configs/gpu/llama3_8b_qlora_ddp.yaml); torch deprecates NO_SHARD")
     if strategy.mixed_precision is None:  # FSDPStrategy's public constructor argument, read by its mixed_precision_config
         plugin = strategy.mixed_precision_config
         if spec is not None:
