@@ -296,3 +296,32 @@ def test_setup_refuses_adapters_without_gradients_and_both_checkpointing_modes_g
     check_trainable_get_gradients(modules["non_reentrant"].model)  # non-reentrant needs no input grads
     with pytest.raises(ConfigError, match="gradient_checkpointing='sometimes'"):
         ContinualLM(model="random:tiny-llama", lora=LORA, gradient_checkpointing="sometimes")
+
+
+def test_random_base_loads_tensor_by_tensor_within_final_size_plus_one_tensor(tmp_path):
+    """random:<architecture> is built on the meta device and each seeded tensor is generated and quantized while
+    transformers loads it: live tensor bytes (every op counted, test_loss.LiveBytes) peak at the loaded model's size plus
+    one tensor, well below the model in bf16 (the former path built it whole first). benchmarks/load_memory.py measures RSS."""
+    import bitsandbytes as bnb
+    from test_loss import LiveBytes
+
+    from lightning_cit.quant import load_causal_lm
+
+    arch = {"model_type": "llama", "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    source, spec = f"random:{tmp_path / 'arch.json'}", quantization_spec(QUANT)
+    load_causal_lm(source, spec)  # lazy imports and kernel loading outside the count
+    with LiveBytes() as tracker:
+        model = load_causal_lm(source, spec)
+    final = sum(n for ref, n in tracker.refs.values() if not ref.expired())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    with torch.device("meta"):
+        bf16_bytes = 2 * sum(p.numel() for p in type(model)(model.config).parameters())
+    assert final >= 0.95 * model.get_memory_footprint()
+    assert tracker.peak <= final + largest and tracker.peak < 0.7 * bf16_bytes, (tracker.peak, final, largest, bf16_bytes)
+    assert len([m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 6 * 7
+    again = load_causal_lm(source, spec)  # the same seed, the same base
+    same = [torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))  # bytes: packed 4-bit holds NaN patterns
+            for a, b in zip(model.state_dict().values(), again.state_dict().values()) if isinstance(a, torch.Tensor)]
+    assert len(same) > 6 * 7 and all(same)
