@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cit_synth import composition, mean_se, run_one
-
-from lightning_cit.callbacks.proxymix.policy import load_policy
 from lightning_cit.callbacks.proxymix.commands import bootstrap_interval, mean_vulnerability_of, spearman
+from lightning_cit.callbacks.proxymix.policy import load_policy
+
 from lightning_cit.results import atomic_write_json, atomic_write_text
 
 TRANSFER = ["configs/proxymix/proxy.yaml", "configs/proxymix/target.yaml"]  # the target: the proxy base plus the target overlay

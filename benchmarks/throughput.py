@@ -22,7 +22,8 @@ median of paired ratios, with the ratio of summed times next to them (it include
 the median discounts). ``framework_over_plain`` = framework / plain, ``controller_on_over_off`` =
 FixedRatio(0.25) fit / NoReplay fit.
 
-On CUDA the plain participant also gives the headline numbers: ``tokens_per_s`` (real tokens of full
+On CUDA the plain loop and the framework use lightning-cit's fused chunked loss (``--loss``; ``hf`` for Hugging
+Face's), and the plain participant also gives the headline numbers: ``tokens_per_s`` (real tokens of full
 2048-token rows, no padding, per second, after ``--warmup`` steps), ``mfu`` from the LoRA FLOP count
 ``4N + 6N_lora + 12·L·d·S`` (performance.md §3; no recompute counted) over the card's dense bf16
 peak, ``hfu`` with the checkpointing recompute, and ``peak_mem_gib`` (max allocated after the model
@@ -201,6 +202,7 @@ def _config(device: str, controller: dict, steps_per_task: int, model: str, max_
         "model": {"model": model, "lora": {"r": 16 if device == "cuda" else 8, "lora_alpha": 32, "lora_dropout": 0.0,
                                            "target_modules": list(LORA_TARGETS)},
                   "quantization": quant, "gradient_checkpointing": checkpointing, "learning_rate": 1e-4, "warmup_steps": 2,
+                  **({"fused_loss": True} if device == "cuda" else {}),
                   "lr_schedule": "constant", "eval_batch_size": 4},
         "data": {"global_batch_size": batch, "steps_per_task": steps_per_task, "buffer_size": 16, "max_length": max_length, "seed": 0,
                  "tasks": [{"name": f"t{k}", "source": task, "metric": "edit_similarity", "train_size": 64, "eval_size": 2,
@@ -229,12 +231,31 @@ def _fit_participant(config: dict, baton: Baton, name: str, device: str, warmup:
     return run
 
 
+LOSSES = ("fused", "chunked", "hf")
+
+
+def training_loss(module: Any, model: Any, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The token-mean loss of a batch: ``fused`` (lightning-cit's ``fused_loss``: head applied chunk by chunk to the
+    hidden states), ``chunked`` (lightning-cit's loss from full bf16 logits) or ``hf`` (Hugging Face's own loss)."""
+    from lightning_cit.loss import per_sample_loss, per_sample_loss_from_hidden
+
+    if kind == "hf":
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    if kind == "fused":
+        hidden, head = module._hidden_states(batch["input_ids"], batch["attention_mask"])
+        losses, counts = per_sample_loss_from_hidden(hidden, head, batch["labels"], module.loss_chunk_tokens)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, counts = per_sample_loss(logits, batch["labels"], module.loss_chunk_tokens)
+    return (losses * counts).sum() / counts.sum().clamp(min=1)
+
+
 def _plain_participant(config: dict, baton: Baton, name: str, device: str, record: list, batches: list, feeder_done: Callable[[], bool]):
     """PyTorch + PEFT, no Lightning: the same model built the same way, trained on the framework's batches."""
     from lightning_cit.module import ContinualLM
 
     spec = config["model"]
-    module = ContinualLM(**{k: spec[k] for k in ("model", "lora", "quantization", "gradient_checkpointing")})
+    module = ContinualLM(**{k: spec[k] for k in ("model", "lora", "quantization", "gradient_checkpointing", "fused_loss") if k in spec})
     module.to(device)  # configure_model loads (and quantizes) onto the module's device
     module.configure_model()
     model = module.model.to(device)
@@ -256,8 +277,8 @@ def _plain_participant(config: dict, baton: Baton, name: str, device: str, recor
                 batch = {k: v.to(device) for k, v in batches[used].items()}
                 used += 1
                 start = time.perf_counter()
-                with autocast:
-                    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+                with autocast:  # the framework's own loss on CUDA (fused_loss), Hugging Face's on the CPU benchmark
+                    loss = training_loss(module, model, batch, "fused" if spec.get("fused_loss") else "hf")
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -334,49 +355,61 @@ def _summarize(results: list[dict[str, float]], key: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ GPU headline
-def gpu_throughput(steps: int, warmup: int, micro_batch: int, seq_len: int, checkpointing: bool, quant: dict, rank: int) -> dict[str, Any]:
-    """tokens/s, MFU, HFU and peak memory of QLoRA on the Llama-3-8B architecture (random weights), plain loop."""
+def gpu_throughput(steps: int, warmup: int, micro_batch: int, seq_len: int, checkpointing: bool, quant: dict, rank: int,
+                   loss: str = "fused", model_name: str = "random:llama3-8b", device: str = "cuda") -> dict[str, Any]:
+    """tokens/s, MFU, HFU and peak memory of QLoRA on the Llama-3-8B architecture (random weights), plain loop with
+    lightning-cit's loss (``loss``, see :func:`training_loss`). ``device="cpu"`` runs the same loop on a small
+    ``model_name`` (benchmarks/gpu_check.sh's dry mode; no memory figures there)."""
     from lightning_cit.module import ContinualLM
     from lightning_cit.quant import random_architecture
 
+    cuda = device == "cuda"
     torch.manual_seed(0)
-    module = ContinualLM(model="random:llama3-8b", lora={"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS)},
-                         quantization=quant, gradient_checkpointing=checkpointing)
-    module.to("cuda")  # configure_model quantizes straight onto the GPU
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    module = ContinualLM(model=model_name, lora={"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS)},
+                         quantization=quant, gradient_checkpointing=checkpointing, fused_loss=loss == "fused")
+    module.to(device)  # configure_model quantizes straight onto the GPU
     module.configure_model()
-    model = module.model.cuda()
+    model = module.model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    torch.cuda.synchronize()
-    load_mem = torch.cuda.max_memory_allocated() / 2**30
-    torch.cuda.reset_peak_memory_stats()
-    config = random_architecture("random:llama3-8b")
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    _sync(device)
+    load_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    load_final = torch.cuda.memory_allocated() / 2**30 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    config = random_architecture(model_name)
+    generator = torch.Generator(device=device).manual_seed(0)
     times = []
     for step in range(warmup + steps):
-        tokens = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device="cuda", generator=generator)
-        torch.cuda.synchronize()
+        tokens = torch.randint(0, config.vocab_size, (micro_batch, seq_len), device=device, generator=generator)
+        _sync(device)
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            value = training_loss(module, model, {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}, loss)
+        value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
     tokens_per_s = micro_batch * seq_len * len(times) / sum(times)
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_flops(name)
     model_flops = lora_flops_per_token(config, seq_len, rank)
     hardware_flops = lora_flops_per_token(config, seq_len, rank, activation_checkpointing=checkpointing)
     return {"device": name, "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, model_flops, peak) if peak else None,
             "hfu": mfu(tokens_per_s, hardware_flops, peak) if peak else None, "peak_tflops_used": peak / 1e12 if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-            "load_peak_mem_gib": load_mem, "flops_per_token": model_flops, "micro_batch": micro_batch, "seq_len": seq_len,
-            "steps": steps, "warmup": warmup, "activation_checkpointing": checkpointing, "lora_rank": rank, "loss": float(loss)}
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+            "load_peak_mem_gib": load_mem, "loaded_mem_gib": load_final,
+            "load_peak_over_final": load_mem / load_final if cuda and load_final else None,
+            "flops_per_token": model_flops, "micro_batch": micro_batch, "seq_len": seq_len, "model": model_name,
+            "steps": steps, "warmup": warmup, "activation_checkpointing": checkpointing, "lora_rank": rank, "loss_kind": loss,
+            "checkpointing_mode": "non_reentrant" if checkpointing else None, "loss": float(value)}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -391,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq-len", type=int, default=2048, help="cuda: tokens per sequence")
     parser.add_argument("--no-checkpointing", action="store_true", help="cuda: activation checkpointing off")
     parser.add_argument("--skip-overhead", action="store_true", help="cuda: only the headline tokens/s, MFU and memory")
+    parser.add_argument("--loss", choices=LOSSES, default="fused", help="cuda headline: the loss of the plain loop (default: lightning-cit's fused loss)")
+    parser.add_argument("--model", default="random:llama3-8b", help="cuda headline: random:<preset or config.json> (default: random:llama3-8b)")
     parser.add_argument("--out", default=None, help="also write the JSON object to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -416,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         quant = yaml.safe_load((REPO / "configs" / "gpu" / "llama3_8b_qlora.yaml").read_text())["model"]["quantization"]
         checkpointing = not args.no_checkpointing
         pairs, warmup = args.pairs or 50, 10 if args.warmup is None else args.warmup
-        result.update(gpu_throughput(pairs, warmup, args.micro_batch, args.seq_len, checkpointing, quant, rank=16))
+        result.update(gpu_throughput(pairs, warmup, args.micro_batch, args.seq_len, checkpointing, quant, rank=16, loss=args.loss, model_name=args.model))
         if not args.skip_overhead:
             common = {"device": "cuda", "pairs": pairs, "warmup": warmup, "model": "random:llama3-8b", "max_length": args.seq_len,
                       "batch": args.micro_batch, "quant": quant, "checkpointing": checkpointing}

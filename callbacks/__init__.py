@@ -2,10 +2,10 @@
 
 from lightning_cit.callbacks.adapter_checkpoint import AdapterOnlyCheckpoint
 from lightning_cit.callbacks.checkpoint import TaskCheckpoint
-from lightning_cit.callbacks.lcia.ema import AdapterEMA, DynamicEMA
 from lightning_cit.callbacks.evaluation.evaluator import ForgettingEvaluator
-from lightning_cit.callbacks.lcia.grouping import InstructionGrouping
 from lightning_cit.callbacks.jfa import JointFlashbackAdaptation
+from lightning_cit.callbacks.lcia.ema import AdapterEMA, DynamicEMA
+from lightning_cit.callbacks.lcia.grouping import InstructionGrouping
 from lightning_cit.callbacks.mixture import (
     FixedRatio,
     MixtureController,

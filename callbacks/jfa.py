@@ -77,11 +77,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs
-
 from lightning_cit.collate import IGNORE_INDEX, left_padded_prompts
+from lightning_cit.contract import DATA_MEMORY, ContinualCallback, LossComponent, Needs
 from lightning_cit.errors import ConfigError
-from lightning_cit.contract import LossComponent
 from lightning_cit.plugins import MINILM_INSTALL, import_callable, minilm_available, minilm_encoder
 
 DIVERGENCES = ("symmetric", "forward", "reverse")

@@ -55,8 +55,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals
-from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs
 
+from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs
 from lightning_cit.errors import ConfigError
 
 REPLAY_MODES = ("every_batch", "event")

@@ -54,9 +54,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs, ShardPlan
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs, ShardPlan
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 from lightning_cit.plugins import import_callable

@@ -462,15 +462,24 @@ class ContinualModule:
             router.load_state_dict(checkpoint["adapter_router"])
 
     # ------------------------------------------------------------------ training
-    def continual_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> dict[str, Any]:
+    def continual_loss(self, batch: dict[str, Any], logits: torch.Tensor | None, losses: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       chunk_tokens: int | None = None) -> dict[str, Any]:
         """The step's outputs: ``loss`` (token-mean NLL plus loss components) and ``per_sample_loss`` with ids.
 
         Prompt-only samples (stored prompts whose response is no target, e.g. JFA's flashbacks) are
-        left out of the NLL. Return this dict (or merge it into yours) from ``training_step``.
+        left out of the NLL. Return this dict (or merge it into yours) from ``training_step``. The per-sample
+        losses come from ``logits`` (in chunks of ``chunk_tokens`` rows, no full float32 copy), or are given
+        as ``losses=(per-sample losses, target counts)`` (e.g. :func:`lightning_cit.loss.per_sample_loss_from_hidden`;
+        then no loss component can run: they need the logits).
         """
-        from lightning_cit.loss import per_sample_loss
+        from lightning_cit.loss import DEFAULT_CHUNK_TOKENS, per_sample_loss
 
-        losses, counts = per_sample_loss(logits, batch["labels"])
+        if losses is None:
+            losses, counts = per_sample_loss(logits, batch["labels"], chunk_tokens or DEFAULT_CHUNK_TOKENS)
+        else:
+            losses, counts = losses
+            if self.loss_components:
+                raise ContractError("loss components need the logits: call continual_loss(batch, logits)")
         nll_counts = counts * ~batch["prompt_only"] if "prompt_only" in batch else counts
         loss = (losses * nll_counts).sum() / nll_counts.sum().clamp(min=1)
         if self.loss_components:
@@ -672,6 +681,17 @@ class ShardPlan:
 
 
 __all__ = [
-    "BASE_ADAPTER", "ContinualCallback", "ContinualData", "ContinualModule", "ContinualRegistry", "ContractError", "LossComponent",
-    "Needs", "ORDER", "ShardPlan", "TaskClock", "check_contract", "inference",
+    "BASE_ADAPTER",
+    "ORDER",
+    "ContinualCallback",
+    "ContinualData",
+    "ContinualModule",
+    "ContinualRegistry",
+    "ContractError",
+    "LossComponent",
+    "Needs",
+    "ShardPlan",
+    "TaskClock",
+    "check_contract",
+    "inference",
 ]

@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
 from lightning_cit.contract import BASE_ADAPTER, ContinualModule, LossComponent, TaskClock, TaskStyle, inference
 from lightning_cit.errors import ConfigError
-from lightning_cit.loss import per_sample_loss
+from lightning_cit.loss import DEFAULT_CHUNK_TOKENS, per_sample_loss, per_sample_loss_from_hidden  # per_sample_loss: re-exported
 from lightning_cit.models import TinyLlama, build_tiny_llama
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+CHECKPOINTING = (True, False, "reentrant", "non_reentrant")
 QUANTIZATIONS = ("nf4", "fp4")  # the string shorthand; lightning_cit.quant.QUANT_FIELDS lists the dict form
 
 
@@ -58,8 +59,13 @@ class ContinualLM(ContinualModule, pl.LightningModule):
         reset_optimizer_state: clear AdamW's moments at each task start.
         eval_batch_size: prompts per generation / scoring batch during evaluation.
         base_cache_dir: where ``aligned-base`` is cached (default ``$LIGHTNING_CIT_CACHE`` or ``~/.cache/lightning-cit``).
-        gradient_checkpointing: recompute each decoder layer's activations in the backward (Hugging Face's
-            reentrant checkpointing; +~45% FLOPs for LoRA, far less activation memory).
+        gradient_checkpointing: recompute each decoder layer's activations in the backward (+~45% FLOPs for LoRA,
+            far less activation memory): ``true`` = non-reentrant, except under FSDP where it is reentrant (see
+            :meth:`configure_model`); ``reentrant`` / ``non_reentrant`` force one; ``false`` = off.
+        fused_loss: train through :func:`lightning_cit.loss.per_sample_loss_from_hidden` (the head applied chunk by
+            chunk to the decoder's hidden states, no full logits; not under FSDP or with loss components, which
+            need the logits). Off: the logits' loss, chunked too.
+        loss_chunk_tokens: rows per chunk of the loss (float32 logits of at most this many tokens at a time).
         task_style: ``epoch`` (one fit walks the sequence, epoch = task: the CLI) or ``fit`` (one ``Trainer.fit``
             per task); see :class:`~lightning_cit.contract.TaskClock`.
         max_eval_length: tokens per scored sample in evaluation, probes and rollouts (longer prompts are cut from the left).
@@ -80,7 +86,9 @@ class ContinualLM(ContinualModule, pl.LightningModule):
         reset_optimizer_state: bool = False,
         eval_batch_size: int = 64,
         base_cache_dir: str | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
+        fused_loss: bool = False,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         task_style: TaskStyle = "epoch",
         max_eval_length: int = 1024,
     ) -> None:
@@ -97,6 +105,10 @@ class ContinualLM(ContinualModule, pl.LightningModule):
             raise ConfigError("model.quantization needs model.lora: a 4-bit base is frozen, only adapters train")
         if lora is not None:
             _check_lora_fields(lora)
+        if gradient_checkpointing not in CHECKPOINTING:
+            raise ConfigError(f"model.gradient_checkpointing={gradient_checkpointing!r}; valid: true, false, reentrant, non_reentrant")
+        if isinstance(loss_chunk_tokens, bool) or not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1:
+            raise ConfigError(f"model.loss_chunk_tokens must be a positive integer, got {loss_chunk_tokens!r}")
         from lightning_cit.named_models import NAMED_MODELS, resolve_named_model
 
         # a named model (e.g. smollm2-135m-instruct) is a cached folder made once by `lightning-cit convert-gguf`
@@ -112,6 +124,8 @@ class ContinualLM(ContinualModule, pl.LightningModule):
         self.lora = lora
         self.quantization = quant_spec
         self.gradient_checkpointing = gradient_checkpointing
+        self.fused_loss = fused_loss
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
@@ -164,28 +178,57 @@ class ContinualLM(ContinualModule, pl.LightningModule):
             check_storage_matches_precision(self.quantization, trainer)
             # quantize straight onto this rank's GPU (outside a trainer: the module's device); on CPU load on the host
             model = load_causal_lm(path, self.quantization, trainer.strategy.root_device if trainer is not None else self.device)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        fsdp = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
         if self.gradient_checkpointing:
-            # reentrant (as fsdp_qlora recommends with bitsandbytes); transformers also makes the frozen embeddings'
-            # output require grad, which reentrant checkpointing needs. Non-reentrant checkpointing was tried: under
-            # FSDP (use_orig_params) it leaves the frozen layer units' norms unregistered and full state dicts fail.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            # non-reentrant wherever it works (no need for input grads, composes with DDP); under FSDP reentrant (as
+            # fsdp_qlora recommends with bitsandbytes): non-reentrant there leaves the frozen layer units' norms
+            # unregistered under use_orig_params and full state dicts fail. Reentrant needs the embeddings' output to
+            # require grad (transformers hooks that in); check_trainable_get_gradients below proves it did.
+            reentrant = self.gradient_checkpointing == "reentrant" or (self.gradient_checkpointing is True and fsdp)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         if self.lora:
             from peft import LoraConfig, get_peft_model
 
-            # no prepare_model_for_kbit_training: its fp32 upcast of norms/embeddings would put two dtypes
-            # into one FSDP flat parameter and add ~2 GB for an 8B model; peft freezes the base itself
+            # no prepare_model_for_kbit_training: its fp32 upcast of embeddings and head would add ~2 GB for an
+            # 8B model; peft freezes the base itself
             config = LoraConfig(task_type="CAUSAL_LM", **self.lora)
             model = get_peft_model(model, config)
+            if fsdp and self.quantization is not None:
+                from lightning_cit.quant import QLoRAWrapPolicy, unify_layer_dtypes
+
+                policy = self._trainer.strategy.kwargs.get("auto_wrap_policy")
+                unify_layer_dtypes(model, self.quantization, policy.layer_classes if isinstance(policy, QLoRAWrapPolicy) else None)
+            from lightning_cit.quant import check_trainable_get_gradients
+
+            check_trainable_get_gradients(model, self._trainer.precision_plugin.forward_context() if self._trainer is not None else None)
         self.model = model
 
     # ----------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def _under_fsdp(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # under FSDP the head is its own unit: called chunk by chunk it would be gathered once per chunk
+        return self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
+
+    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The decoder's last hidden states (LoRA layers included) and the output head, for the fused loss."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state, base.get_output_embeddings()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         # token-weighted mean over the batch (the usual SFT objective) plus registered loss components;
         # per-sample losses and the batch's ids go to the callbacks through the step outputs
-        outputs = self.continual_loss(batch, self(batch["input_ids"], batch["attention_mask"]))
+        if self.fused_loss and not self.loss_components and not self._under_fsdp():
+            hidden, head = self._hidden_states(batch["input_ids"], batch["attention_mask"])
+            outputs = self.continual_loss(batch, None, losses=per_sample_loss_from_hidden(hidden, head, batch["labels"], self.loss_chunk_tokens))
+        else:
+            outputs = self.continual_loss(batch, self(batch["input_ids"], batch["attention_mask"]), chunk_tokens=self.loss_chunk_tokens)
         self.log("train/loss", outputs["loss"], prog_bar=True, batch_size=len(outputs["per_sample_loss"]))
         return outputs
 

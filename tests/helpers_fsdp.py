@@ -54,7 +54,9 @@ class CPUFSDPStrategy(FSDPStrategy):
 
 
 class RecordLosses(pl.Callback):
-    """Writes the training loss of every step (rank 0) to ``path`` as a JSON list, after every step."""
+    """Writes the training loss of every step (rank 0) to ``path`` as a JSON list, after every step, and what the
+    first step ran with (dtypes of the RoPE ``inv_freq`` buffers and of the flat parameters, FSDP units, the
+    checkpointing mode) to ``path`` + ``.setup.json``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -62,5 +64,19 @@ class RecordLosses(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(float(outputs["loss"]))
-        if trainer.is_global_zero:
-            Path(self.path).write_text(json.dumps(self.losses))
+        if not trainer.is_global_zero:
+            return
+        Path(self.path).write_text(json.dumps(self.losses))
+        if len(self.losses) == 1:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            units = [m for m in trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel)]
+            flat = [u._handle.flat_param for u in units if getattr(u, "_handle", None) is not None]  # no public accessor
+            setup = {
+                "strategy": type(trainer.strategy).__name__,
+                "inv_freq": sorted({str(b.dtype) for n, b in pl_module.named_buffers() if n.endswith("inv_freq")}),
+                "fsdp_units": len(units),
+                "flat_params": sorted({f"{p.dtype}/requires_grad={p.requires_grad}" for p in flat}),
+                "adapters": sorted({str(p.dtype) for n, p in pl_module.named_parameters() if ".lora_" in n}),
+            }
+            Path(self.path + ".setup.json").write_text(json.dumps(setup))

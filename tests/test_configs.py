@@ -176,10 +176,10 @@ def _annotation_class(function: Any, name: str) -> Any:
 def _fit_defaults() -> dict[tuple[str, ...], dict[str, Any]]:
     """Code defaults per section of a fit config: section path (list items as "[]") -> {key: default}."""
     from lightning.pytorch import Trainer
+    from lightning_cit.datamodules import ContinualInstructionDataModule
     from peft import LoraConfig
 
     from lightning_cit.cli import TRAINER_DEFAULTS
-    from lightning_cit.datamodules import ContinualInstructionDataModule
     from lightning_cit.module import ContinualLM
 
     return {

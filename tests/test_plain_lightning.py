@@ -17,9 +17,8 @@ from conftest import REPO
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(REPO / "examples" / "plain_lightning"))
-import project  # noqa: E402
-
-from lightning_cit.callbacks import (  # noqa: E402
+import project
+from lightning_cit.callbacks import (
     AdapterEMA,
     FixedRatio,
     ForgettingEvaluator,
@@ -28,8 +27,9 @@ from lightning_cit.callbacks import (  # noqa: E402
     NoReplay,
     OnPolicyReplay,
 )
-from lightning_cit.contract import ContractError, TaskClock  # noqa: E402
-from lightning_cit.datamodules import ContinualInstructionDataModule  # noqa: E402
+from lightning_cit.datamodules import ContinualInstructionDataModule
+
+from lightning_cit.contract import ContractError, TaskClock
 
 STYLES = ("fit", "epoch")
 NAMES = ("cipher_a", "cipher_b", "shift")

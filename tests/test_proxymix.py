@@ -12,14 +12,22 @@ import pytest
 import torch
 import yaml
 from lightning_cit.callbacks import LossSlope, MixtureSignals
+from lightning_cit.callbacks.proxymix.commands import main as proxymix_main
+from lightning_cit.callbacks.proxymix.commands import vulnerability
 from lightning_cit.callbacks.proxymix.controller import NormalizedLosses, build_state
+from lightning_cit.callbacks.proxymix.policy import (
+    ActorCritic,
+    PolicySpec,
+    PPOConfig,
+    load_policy,
+    masked_softmax,
+    ppo_update,
+    save_policy,
+)
 from test_e2e import STEPS, run, small_config
 
 from lightning_cit.cli import main
 from lightning_cit.errors import ConfigError
-from lightning_cit.callbacks.proxymix.policy import ActorCritic, PolicySpec, PPOConfig, load_policy, masked_softmax, ppo_update, save_policy
-from lightning_cit.callbacks.proxymix.commands import main as proxymix_main
-from lightning_cit.callbacks.proxymix.commands import vulnerability
 
 
 def write_policy(path: Path, max_tasks: int = 4, bias: list[float] | None = None, seed: int = 0) -> Path:

@@ -23,8 +23,9 @@ from lightning_cit.errors import ConfigError
 from lightning_cit.module import ContinualLM
 from lightning_cit.quant import QLoRAWrapPolicy, check_storage_matches_precision, quantization_spec, random_architecture
 
-GPU_CONFIGS = ["llama3_8b_qlora.yaml", "llama3_8b_qlora_fsdp.yaml"]
+GPU_CONFIGS = ["llama3_8b_qlora.yaml", "llama3_8b_qlora_ddp.yaml", "llama3_8b_qlora_fsdp.yaml"]
 QUANT = {"quant_type": "nf4", "compute_dtype": "bfloat16", "quant_storage": "bfloat16", "double_quant": True}
+QUANT_FSDP = dict(QUANT, quant_storage="float32")  # the FSDP config: a decoder layer (4-bit bytes, norms, adapters) is one fp32 flat parameter
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 STEPS = 3
 
@@ -40,6 +41,7 @@ def twin_config(tmp_path: Path, fsdp: bool, losses: Path, n_tasks: int = 2) -> P
         trainer["strategy"]["init_args"]["precision_plugin"] = {"class_path": "helpers_fsdp.CPUFSDPPrecision", "init_args": {"precision": trainer.pop("precision")}}
     else:
         trainer["strategy"] = "auto"
+        config["model"]["fused_loss"] = True  # the single-GPU config's loss (and non-reentrant checkpointing, as off FSDP)
     callbacks = trainer["callbacks"]
     callbacks[1]["init_args"].update(probe_every_n_steps=2, heatmap=False)
     callbacks[3]["init_args"]["every_n_train_steps"] = 2
@@ -70,16 +72,37 @@ def test_quantization_option_accepts_the_shorthand_and_a_dict_and_names_bad_fiel
         ContinualLM(model="random:llama9")
 
 
-def test_fsdp_refuses_a_quant_storage_that_differs_from_its_param_dtype():
+def test_fsdp_policy_keeps_buffers_fp32_never_casts_4bit_storage_and_refuses_what_would():
     from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    from lightning_cit.quant import fsdp_mixed_precision
 
     class Trainer:  # the two attributes the check reads
-        strategy = FSDPStrategy()
-        precision = "bf16-mixed"
+        def __init__(self, **kwargs) -> None:
+            self.strategy = FSDPStrategy(precision_plugin=None, **kwargs)
+            self.precision = "bf16-mixed"
 
-    check_storage_matches_precision(quantization_spec(QUANT), Trainer())
-    with pytest.raises(ConfigError, match="quant_storage=uint8.*bfloat16"):
-        check_storage_matches_precision(quantization_spec("nf4"), Trainer())
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    def trainer(**kwargs):
+        t = Trainer(**kwargs)
+        t.strategy.precision_plugin = FSDPPrecision("bf16-mixed")
+        return t
+
+    t = trainer()
+    check_storage_matches_precision(quantization_spec(QUANT_FSDP), t)
+    policy = t.strategy.mixed_precision_config  # what Lightning hands to FSDP
+    assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (None, None, torch.float32)
+    t = trainer()
+    assert fsdp_mixed_precision(None, t) == MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.float32)
+    check_storage_matches_precision(quantization_spec(QUANT), trainer())  # bf16 storage: fine too (bf16 adapters)
+    with pytest.raises(ConfigError, match="quant_storage=uint8 under FSDP.*float tensors"):
+        check_storage_matches_precision(quantization_spec("nf4"), trainer())
+    with pytest.raises(ConfigError, match="quant_storage=float32 but.*casts parameters to torch.bfloat16.*bfloat16"):
+        check_storage_matches_precision(quantization_spec(QUANT_FSDP), trainer(mixed_precision=MixedPrecision(param_dtype=torch.bfloat16)))
+    with pytest.raises(ConfigError, match="buffer_dtype=torch.bfloat16.*inv_freq"):
+        check_storage_matches_precision(None, trainer(mixed_precision=MixedPrecision(buffer_dtype=torch.bfloat16)))
 
 
 def test_llama3_8b_preset_has_the_published_parameter_count():
@@ -91,18 +114,17 @@ def test_llama3_8b_preset_has_the_published_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Meta-Llama-3-8B
 
 
-def test_wrap_policy_wraps_layers_adapters_and_the_leaves_outside_layers():
+def test_wrap_policy_wraps_decoder_layers_and_the_leaves_outside_them_only():
     module = ContinualLM(model="random:tiny-llama", lora=LORA)
     module.configure_model()
     policy = QLoRAWrapPolicy(["transformers.models.llama.modeling_llama.LlamaDecoderLayer"])
     named = list(module.named_modules())
-    for _, m in named:  # FSDP's order: "descend?" top-down before "wrap?" bottom-up
-        policy(m, recurse=True, nonwrapped_numel=0)
+    descended = {name for name, m in named if policy(m, recurse=True, nonwrapped_numel=0)}  # FSDP's order: top-down first
     wrapped = {name for name, m in named if policy(m, recurse=False, nonwrapped_numel=0)}
     layers = {n for n in wrapped if n.endswith(("layers.0", "layers.1"))}
-    adapters = {n for n in wrapped if ".lora_A." in n or ".lora_B." in n}
-    assert len(layers) == 2 and len(adapters) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
-    outside = wrapped - layers - adapters  # the root keeps no parameters of its own
+    assert len(layers) == 2 and not any(".lora_" in n for n in wrapped)  # adapters stay inside their layer's unit
+    assert not any(".layers.0." in n for n in descended)  # nothing inside a layer is visited for wrapping
+    outside = wrapped - layers  # the root keeps no parameters of its own
     assert {n.rsplit(".", 1)[-1] for n in outside} == {"embed_tokens", "norm", "lm_head"}
     with pytest.raises(ConfigError, match="cannot import"):
         QLoRAWrapPolicy(["transformers.NoSuchLayer"])
@@ -115,7 +137,8 @@ def test_gpu_configs_parse_with_the_cli(name, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
-    assert model["quantization"] == QUANT and model["gradient_checkpointing"] is True
+    assert model["quantization"] == (QUANT_FSDP if name.endswith("fsdp.yaml") else QUANT) and model["gradient_checkpointing"] is True
+    assert model["fused_loss"] is (not name.endswith("fsdp.yaml"))  # under FSDP the head is a unit of its own
     assert len(model["lora"]["target_modules"]) == 7
     assert printed["trainer"]["precision"] == "bf16-mixed"
     paths = [c["class_path"] for c in printed["trainer"]["callbacks"]]
@@ -124,6 +147,9 @@ def test_gpu_configs_parse_with_the_cli(name, capsys):
         strategy = printed["trainer"]["strategy"]
         assert strategy["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
         assert strategy["init_args"]["auto_wrap_policy"]["class_path"] == "lightning_cit.quant.QLoRAWrapPolicy"
+        assert strategy["init_args"]["sharding_strategy"] == "FULL_SHARD"  # no sharding: the DDP config
+    if name.endswith("ddp.yaml"):
+        assert printed["trainer"]["strategy"] == "ddp"
 
 
 # ------------------------------------------------------------------------ 4-bit checkpoint round trip
@@ -164,7 +190,7 @@ def test_4bit_base_survives_an_adapter_only_checkpoint_round_trip(tmp_path):
         weight = layer.weight
         assert isinstance(weight, bnb.nn.Params4bit) and weight.bnb_quantized
         assert weight.quant_state is not None and weight.quant_state.quant_type == "nf4"
-        assert weight.dtype == torch.bfloat16  # the storage dtype, packed: two 4-bit values per byte
+        assert weight.dtype == torch.float32  # the FSDP config's storage dtype, packed: two 4-bit values per byte
         assert weight.numel() * weight.element_size() * 2 == layer.in_features * layer.out_features
         assert tuple(weight.quant_state.shape) == (layer.out_features, layer.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what the trainer's bf16-mixed context gave `trained`
@@ -199,6 +225,12 @@ def test_fsdp_world_size_one_matches_single_device_losses(tmp_path):
     # bf16 compute: the two paths round differently (autocast vs FSDP's parameter cast), not more
     assert fsdp == pytest.approx(single, rel=2e-2)
     assert single[-1] < single[0]  # it learns
+    setup = json.loads(Path(str(fsdp_losses) + ".setup.json").read_text())
+    # RoPE stays float32 under FSDP + bf16-mixed; one unit per layer (+ embeddings, final norm, head; the root has none):
+    # a layer is one float32 flat parameter (4-bit bytes, norms, fp32 adapters), the frozen outside leaves stay bf16
+    assert setup["inv_freq"] == ["torch.float32"] and setup["adapters"] == ["torch.float32"], setup
+    assert setup["fsdp_units"] == 1 + 2 + 3 and setup["flat_params"] == ["torch.bfloat16/requires_grad=False", "torch.float32/requires_grad=True"], setup
+    assert json.loads(Path(str(single_losses) + ".setup.json").read_text())["inv_freq"] == ["torch.float32"]
     checkpoint = torch.load(next((tmp_path / "fsdp").rglob("last.ckpt")), weights_only=True)
     assert checkpoint["state_dict"] and all(".lora_" in k for k in checkpoint["state_dict"])
     assert all(isinstance(k, str) and ".lora_" in k for k in checkpoint["optimizer_states"][0]["state"])  # keyed by name
@@ -233,3 +265,63 @@ def test_an_evaluation_pass_does_not_change_4bit_training_gradients():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(m.weight.quant_state is not None and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                for m in module.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+
+
+def test_setup_refuses_adapters_without_gradients_and_both_checkpointing_modes_give_the_same_gradients():
+    """configure_model runs one tiny forward/backward and fails loudly if a LoRA tensor would get no gradient (the
+    classic: reentrant checkpointing whose layer inputs do not require grad). Non-reentrant (default off FSDP) and
+    reentrant (under FSDP) checkpointing give the same adapter gradients as no checkpointing."""
+    from lightning_cit.quant import check_trainable_get_gradients
+
+    tokens = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads, modules = {}, {}
+    for mode in (False, "non_reentrant", "reentrant"):
+        torch.manual_seed(0)  # the same LoRA init
+        module = ContinualLM(model="random:tiny-llama", lora=dict(LORA, init_lora_weights=False), quantization=QUANT, gradient_checkpointing=mode)
+        module.configure_model()  # includes the gradient check
+        assert module.model.is_gradient_checkpointing is bool(mode)
+        module.train()
+        module.model(input_ids=tokens, labels=tokens).loss.backward()
+        grads[mode] = [p.grad for n, p in module.named_parameters() if p.requires_grad]
+        modules[mode] = module
+    assert len(grads[False]) == 2 * 7 * 2
+    for mode in ("non_reentrant", "reentrant"):
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[mode], grads[False])), mode
+    # a frozen embedding whose output does not require grad (transformers and peft each hook it to require grad
+    # under reentrant checkpointing; a detaching hook undoes both): reentrant checkpointing then trains no adapter
+    for mode in ("reentrant", "non_reentrant"):
+        modules[mode].model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.detach())
+    with pytest.raises(ConfigError, match=r"28 of 28 trainable tensors get no gradient.*non_reentrant"):
+        check_trainable_get_gradients(modules["reentrant"].model)
+    check_trainable_get_gradients(modules["non_reentrant"].model)  # non-reentrant needs no input grads
+    with pytest.raises(ConfigError, match="gradient_checkpointing='sometimes'"):
+        ContinualLM(model="random:tiny-llama", lora=LORA, gradient_checkpointing="sometimes")
+
+
+def test_random_base_loads_tensor_by_tensor_within_final_size_plus_one_tensor(tmp_path):
+    """random:<architecture> is built on the meta device and each seeded tensor is generated and quantized while
+    transformers loads it: live tensor bytes (every op counted, test_loss.LiveBytes) peak at the loaded model's size plus
+    one tensor, well below the model in bf16 (the former path built it whole first). benchmarks/load_memory.py measures RSS."""
+    import bitsandbytes as bnb
+    from test_loss import LiveBytes
+
+    from lightning_cit.quant import load_causal_lm
+
+    arch = {"model_type": "llama", "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    source, spec = f"random:{tmp_path / 'arch.json'}", quantization_spec(QUANT)
+    load_causal_lm(source, spec)  # lazy imports and kernel loading outside the count
+    with LiveBytes() as tracker:
+        model = load_causal_lm(source, spec)
+    final = sum(n for ref, n in tracker.refs.values() if not ref.expired())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    with torch.device("meta"):
+        bf16_bytes = 2 * sum(p.numel() for p in type(model)(model.config).parameters())
+    assert final >= 0.95 * model.get_memory_footprint()
+    assert tracker.peak <= final + largest and tracker.peak < 0.7 * bf16_bytes, (tracker.peak, final, largest, bf16_bytes)
+    assert len([m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 6 * 7
+    again = load_causal_lm(source, spec)  # the same seed, the same base
+    same = [torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))  # bytes: packed 4-bit holds NaN patterns
+            for a, b in zip(model.state_dict().values(), again.state_dict().values()) if isinstance(a, torch.Tensor)]
+    assert len(same) > 6 * 7 and all(same)

@@ -34,8 +34,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-
 from lightning_cit.callbacks.evaluation.probes import ProbeLosses
+
 from lightning_cit.contract import ContinualCallback, Needs, ShardPlan
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import summarize

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_cit.callbacks.proxymix.policy import ActorCritic, PolicySpec, PPOConfig, load_policy, ppo_update, save_policy
 
 from lightning_cit.errors import ConfigError
-from lightning_cit.callbacks.proxymix.policy import ActorCritic, PolicySpec, PPOConfig, load_policy, ppo_update, save_policy
 
 STATE_FILE = "train_state.pt"
 
@@ -143,6 +143,7 @@ def train(argv: list[str]) -> int:
 def run_episode(args: Any, policy: ActorCritic, episode: int, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One full fit of the episode's task sequence with the current policy exploring; its transitions."""
     from lightning_cit.callbacks.proxymix import ProxyMixController
+
     from lightning_cit.cli import CITCLI
 
     data_seed = args.seed + episode if args.vary_data_seed else args.seed

@@ -46,9 +46,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals, _find_evaluator
+from lightning_cit.callbacks.proxymix.policy import ActorCritic, PolicySpec, load_policy, masked_softmax
 
 from lightning_cit.errors import ConfigError
-from lightning_cit.callbacks.proxymix.policy import ActorCritic, PolicySpec, load_policy, masked_softmax
 
 
 class NormalizedLosses:
