@@ -1,11 +1,14 @@
-"""Building the models lightning-cit trains: the built-in tiny Llama (``model: tiny`` / ``aligned-base``).
+"""Building the models lightning-cit trains (``ContinualLM.configure_model`` calls :func:`build_causal_lm`).
 
-Named offline models live in :mod:`lightning_cit.named_models`, random architectures and 4-bit loading in
-:mod:`lightning_cit.quant`, the aligned base's recipe in :mod:`lightning_cit.base`.
+Sources: the built-in tiny Llama (``model: tiny``), the aligned tiny base (``aligned-base``, :mod:`lightning_cit.base`),
+a named offline model (:mod:`lightning_cit.named_models`), a local Hugging Face checkpoint directory, or a
+``random:<architecture>`` (:mod:`lightning_cit.quant`, which also loads 4-bit bases); then optional gradient
+checkpointing and peft LoRA adapters, with the check that every LoRA tensor gets a gradient.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,4 +50,70 @@ def build_tiny_llama(tokenizer: Any, shape: TinyLlama) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-__all__ = ["TinyLlama", "build_tiny_llama"]
+def model_source(name: str, model_dir: str | None, tiny: TinyLlama, cache_dir: str | None) -> str | None:
+    """The base's source: None for ``tiny``, a directory, or ``random:<architecture>``."""
+    if name == "tiny":
+        return None
+    if name.startswith("random:"):
+        return name
+    if name == "aligned-base":
+        from lightning_cit.base import ensure_aligned_base
+
+        return ensure_aligned_base(tiny, cache_dir=cache_dir)
+    return model_dir or os.path.expanduser(name)
+
+
+def load_tokenizer(name: str, model_dir: str | None, tokenizer: str | None) -> Any:
+    """The tokenizer: the built-in character tokenizer for tiny/aligned/random models, else the checkpoint's (offline)."""
+    if tokenizer is None and (name in ("tiny", "aligned-base") or name.startswith("random:")):
+        from lightning_cit.synth import build_char_tokenizer
+
+        return build_char_tokenizer()  # the aligned base is saved with this same tokenizer
+    from transformers import AutoTokenizer
+
+    source = os.path.expanduser(tokenizer or model_dir or name)
+    loaded = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if loaded.pad_token is None:
+        loaded.pad_token = loaded.eos_token
+    return loaded
+
+
+def build_causal_lm(source: str | None, tokenizer: Any, tiny: TinyLlama, quantization: Any, lora: dict[str, Any] | None,
+                    gradient_checkpointing: bool | str, trainer: Any, device: torch.device) -> torch.nn.Module:
+    """The model to train: built or loaded (quantized onto this rank's device), checkpointed, with LoRA adapters."""
+    if source is None:
+        model = build_tiny_llama(tokenizer, tiny)
+    else:
+        from lightning_cit.quant import check_storage_matches_precision, load_causal_lm
+
+        check_storage_matches_precision(quantization, trainer)
+        # quantize straight onto this rank's GPU (outside a trainer: the module's device); on CPU load on the host
+        model = load_causal_lm(source, quantization, trainer.strategy.root_device if trainer is not None else device)
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fsdp = trainer is not None and isinstance(trainer.strategy, FSDPStrategy)
+    if gradient_checkpointing:
+        # non-reentrant wherever it works (no need for input grads, composes with DDP); under FSDP reentrant (as
+        # fsdp_qlora recommends with bitsandbytes): non-reentrant there leaves the frozen layer units' norms
+        # unregistered under use_orig_params and full state dicts fail. Reentrant needs the embeddings' output to
+        # require grad (transformers hooks that in); check_trainable_get_gradients below proves it did.
+        reentrant = gradient_checkpointing == "reentrant" or (gradient_checkpointing is True and fsdp)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        # no prepare_model_for_kbit_training: its fp32 upcast of embeddings and head would add ~2 GB for an
+        # 8B model; peft freezes the base itself
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        if fsdp and quantization is not None:
+            from lightning_cit.quant import QLoRAWrapPolicy, unify_layer_dtypes
+
+            policy = trainer.strategy.kwargs.get("auto_wrap_policy")
+            unify_layer_dtypes(model, quantization, policy.layer_classes if isinstance(policy, QLoRAWrapPolicy) else None)
+        from lightning_cit.quant import check_trainable_get_gradients
+
+        check_trainable_get_gradients(model, trainer.precision_plugin.forward_context() if trainer is not None else None)
+    return model
+
+
+__all__ = ["TinyLlama", "build_causal_lm", "build_tiny_llama", "load_tokenizer", "model_source"]

@@ -136,74 +136,20 @@ class ContinualLM(ContinualModule, pl.LightningModule):
         self.base_cache_dir = base_cache_dir
         self.model: torch.nn.Module | None = None
         self.max_eval_length = max_eval_length
-        self.tokenizer = self._load_tokenizer(tokenizer)
+        from lightning_cit.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model, self.model_dir, tokenizer)
         self.task_clock = TaskClock(task_style)
 
     # ----------------------------------------------------------------------------------- building
-    def _checkpoint_dir(self) -> str | None:
-        """The base's source: None for ``tiny``, a directory, or ``random:<architecture>``."""
-        if self.model_name == "tiny":
-            return None
-        if self.model_name.startswith("random:"):
-            return self.model_name
-        if self.model_name == "aligned-base":
-            from lightning_cit.base import ensure_aligned_base
-
-            return ensure_aligned_base(self.tiny, cache_dir=self.base_cache_dir)
-        return self.model_dir or os.path.expanduser(self.model_name)
-
-    def _load_tokenizer(self, tokenizer: str | None) -> Any:
-        if tokenizer is None and (self.model_name in ("tiny", "aligned-base") or self.model_name.startswith("random:")):
-            from lightning_cit.synth import build_char_tokenizer
-
-            return build_char_tokenizer()  # the aligned base is saved with this same tokenizer
-        from transformers import AutoTokenizer
-
-        source = os.path.expanduser(tokenizer or self.model_dir or self.model_name)
-        loaded = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        if loaded.pad_token is None:
-            loaded.pad_token = loaded.eos_token
-        return loaded
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        path = self._checkpoint_dir()
-        if path is None:
-            model = build_tiny_llama(self.tokenizer, self.tiny)
-        else:
-            from lightning_cit.quant import check_storage_matches_precision, load_causal_lm
+        from lightning_cit.models import build_causal_lm, model_source
 
-            trainer = self._trainer
-            check_storage_matches_precision(self.quantization, trainer)
-            # quantize straight onto this rank's GPU (outside a trainer: the module's device); on CPU load on the host
-            model = load_causal_lm(path, self.quantization, trainer.strategy.root_device if trainer is not None else self.device)
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        fsdp = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
-        if self.gradient_checkpointing:
-            # non-reentrant wherever it works (no need for input grads, composes with DDP); under FSDP reentrant (as
-            # fsdp_qlora recommends with bitsandbytes): non-reentrant there leaves the frozen layer units' norms
-            # unregistered under use_orig_params and full state dicts fail. Reentrant needs the embeddings' output to
-            # require grad (transformers hooks that in); check_trainable_get_gradients below proves it did.
-            reentrant = self.gradient_checkpointing == "reentrant" or (self.gradient_checkpointing is True and fsdp)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        if self.lora:
-            from peft import LoraConfig, get_peft_model
-
-            # no prepare_model_for_kbit_training: its fp32 upcast of embeddings and head would add ~2 GB for an
-            # 8B model; peft freezes the base itself
-            config = LoraConfig(task_type="CAUSAL_LM", **self.lora)
-            model = get_peft_model(model, config)
-            if fsdp and self.quantization is not None:
-                from lightning_cit.quant import QLoRAWrapPolicy, unify_layer_dtypes
-
-                policy = self._trainer.strategy.kwargs.get("auto_wrap_policy")
-                unify_layer_dtypes(model, self.quantization, policy.layer_classes if isinstance(policy, QLoRAWrapPolicy) else None)
-            from lightning_cit.quant import check_trainable_get_gradients
-
-            check_trainable_get_gradients(model, self._trainer.precision_plugin.forward_context() if self._trainer is not None else None)
-        self.model = model
+        source = model_source(self.model_name, self.model_dir, self.tiny, self.base_cache_dir)
+        self.model = build_causal_lm(source, self.tokenizer, self.tiny, self.quantization, self.lora, self.gradient_checkpointing,
+                                     self._trainer, self.device)
 
     # ----------------------------------------------------------------------------------- training
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
