@@ -317,3 +317,27 @@ def test_a_resume_from_a_tasks_last_step_replays_the_task_end(tmp_path):
     assert resumed.matrix == reference.matrix and resumed.rows == reference.rows
     for got, want in zip(resumed_weights, weights):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_several_epochs_per_task_start_and_end_each_task_once(tmp_path):
+    pl.seed_everything(0)
+    module, records = project.MyCausalLM(hidden=32), _records(tasks=2)
+    module.task_clock = TaskClock("epoch", epochs_per_task=2)
+    tasks = project.as_tasks(records)
+
+    class CountingEMA(AdapterEMA):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.starts: list[int] = []
+
+        def on_average_start(self, task: int) -> None:
+            self.starts.append(task)
+
+    ema = CountingEMA(decay=0.5)
+    evaluator = ForgettingEvaluator(tasks=tasks, probe_every_n_steps=None, output_dir=str(tmp_path), heatmap=False, print_table=False)
+    data = project.SequenceData([r["train"] for r in records.values()], module.tokenizer, steps=3, epochs_per_task=2)
+    trainer = pl.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[ema, evaluator], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=data)
+    assert evaluator.rows == ["base", *NAMES[:2]]  # one row per task, not per epoch
+    assert ema.starts == [0, 1]  # the average restarted at each task's first epoch only

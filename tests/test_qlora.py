@@ -325,3 +325,35 @@ def test_random_base_loads_tensor_by_tensor_within_final_size_plus_one_tensor(tm
     same = [torch.equal(a.flatten().view(torch.uint8), b.flatten().view(torch.uint8))  # bytes: packed 4-bit holds NaN patterns
             for a, b in zip(model.state_dict().values(), again.state_dict().values()) if isinstance(a, torch.Tensor)]
     assert len(same) > 6 * 7 and all(same)
+
+
+# ------------------------------------------------------------------ FULL_SHARD: evaluation and rollouts in lockstep
+def test_two_rank_full_shard_task_end_with_uneven_prompts_matches_one_rank(tmp_path):
+    """2-rank FSDP FULL_SHARD on CPU (gloo) through task ends whose eval prompts (5 and 3) and OPR candidates (5)
+    do not divide over 2 ranks: every rank runs the same forwards and generate steps (padded shards, synced_gpus),
+    so nothing hangs (under a timeout), and the score matrix equals the one-rank run's."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    matrices = {}
+    for devices in (1, 2):
+        config_path = twin_config(tmp_path / f"w{devices}", True, tmp_path / f"w{devices}.json")
+        config = yaml.safe_load(config_path.read_text())
+        config["trainer"]["devices"] = devices
+        config["trainer"]["strategy"]["init_args"]["sharding_strategy"] = "FULL_SHARD"
+        config["data"]["tasks"][0].update(eval_size=5)
+        config["data"]["tasks"][1].update(eval_size=3)
+        config["trainer"]["callbacks"].insert(1, {"class_path": "lightning_cit.callbacks.OnPolicyReplay",
+                                                  "init_args": {"budget": 2, "candidates_per_task": 5, "temperature": 0.0}})
+        config_path.write_text(yaml.safe_dump(config))
+        cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config_path), "--trainer.default_root_dir", str(tmp_path / f"run{devices}")]
+        proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scores = json.loads(next((tmp_path / f"run{devices}").rglob("scores.json")).read_text())
+        assert scores["complete"]
+        matrices[devices] = scores
+    one, two = matrices[1], matrices[2]
+    assert one["rows"] == two["rows"] == ["base", "cipher_a", "compare"]
+    # the same prompts, split 3 + 2(+1 padding) instead of 5: bf16 compute on other batch shapes may round differently
+    for row_one, row_two in zip(one["loss_matrix"], two["loss_matrix"]):
+        assert row_two == pytest.approx(row_one, rel=2e-2)
+    for row_one, row_two in zip(one["matrix"], two["matrix"]):
+        assert row_two == pytest.approx(row_one, abs=20.0)  # at most one of the five generated answers differs

@@ -107,14 +107,15 @@ class OneTaskData(pl.LightningDataModule):
 
 
 class SequenceData(pl.LightningDataModule):
-    """The project's DataModule for one fit over the whole sequence: epoch ``e`` serves task ``e``."""
+    """The project's DataModule for one fit over the whole sequence: epoch ``e`` serves task ``e // epochs_per_task``."""
 
-    def __init__(self, tasks: list[list[dict]], tokenizer: Any, batch_size: int = 16, steps: int = 10) -> None:
+    def __init__(self, tasks: list[list[dict]], tokenizer: Any, batch_size: int = 16, steps: int = 10, epochs_per_task: int = 1) -> None:
         super().__init__()
         self.tasks = [OneTaskData(records, tokenizer, batch_size, steps, seed=k) for k, records in enumerate(tasks)]
+        self.epochs_per_task = epochs_per_task
 
     def train_dataloader(self) -> DataLoader:
-        return self.tasks[self.trainer.current_epoch].train_dataloader()
+        return self.tasks[self.trainer.current_epoch // self.epochs_per_task].train_dataloader()
 
 
 def my_records(names: Sequence[str] = ("cipher_a", "cipher_b", "shift"), n_train: int = 200, n_eval: int = 16) -> dict[str, dict[str, list[dict]]]:
