@@ -5,6 +5,7 @@ from lightning_cit.callbacks.checkpoint import TaskCheckpoint
 from lightning_cit.callbacks.ema import AdapterEMA, DynamicEMA
 from lightning_cit.callbacks.forgetting import ForgettingEvaluator
 from lightning_cit.callbacks.grouping import InstructionGrouping
+from lightning_cit.callbacks.guards import FiniteLossGuard, SignalCheckpoint
 from lightning_cit.callbacks.jfa import JointFlashbackAdaptation
 from lightning_cit.callbacks.mixture import (
     FixedRatio,
@@ -20,4 +21,4 @@ from lightning_cit.callbacks.proxymix import LossSlope, ProxyMixController
 
 CONTROLLERS = ("NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "SizeProportional", "LossSlope", "ProxyMixController")
 
-__all__ = ["CONTROLLERS", "AdapterEMA", "AdapterOnlyCheckpoint", "DynamicEMA", "FixedRatio", "ForgettingEvaluator", "InstructionGrouping", "JointFlashbackAdaptation", "LossSlope", "MSSRReplay", "MixtureController", "MixtureSignals", "NoReplay", "OnPolicyReplay", "Proportional", "ProxyMixController", "SizeProportional", "TaskCheckpoint"]
+__all__ = ["CONTROLLERS", "AdapterEMA", "AdapterOnlyCheckpoint", "DynamicEMA", "FiniteLossGuard", "FixedRatio", "ForgettingEvaluator", "InstructionGrouping", "JointFlashbackAdaptation", "LossSlope", "MSSRReplay", "MixtureController", "MixtureSignals", "NoReplay", "OnPolicyReplay", "Proportional", "ProxyMixController", "SignalCheckpoint", "SizeProportional", "TaskCheckpoint"]

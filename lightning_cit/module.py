@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_cit.collate import IGNORE_INDEX, Collator, left_padded_prompts
+from lightning_cit.collate import IGNORE_INDEX, Collator, count_eval_truncation, left_padded_prompts
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 
@@ -443,7 +443,7 @@ class ContinualLM(pl.LightningModule):
         answers: list[str] = []
         for i in range(0, len(samples), self.eval_batch_size):
             chunk = samples[i : i + self.eval_batch_size]
-            batch = left_padded_prompts(self.tokenizer, [s["messages"] for s in chunk], pad_id)
+            batch = left_padded_prompts(self.tokenizer, [s["messages"] for s in chunk], pad_id, self._eval_max_length())
             output = self.model.generate(
                 input_ids=batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
@@ -463,7 +463,7 @@ class ContinualLM(pl.LightningModule):
             for i, s in enumerate(samples)
             for j, option in enumerate(s["options"])
         ]
-        collate = Collator(self.tokenizer, 10_000, [])
+        collate = Collator(self.tokenizer, self._eval_max_length() or 10_000, [])
         scores: dict[tuple[int, int], float] = {}
         for start in range(0, len(expanded), self.eval_batch_size):
             chunk = expanded[start : start + self.eval_batch_size]
@@ -472,6 +472,7 @@ class ContinualLM(pl.LightningModule):
             losses, counts = per_sample_loss(logits, batch["labels"].to(self.device))
             for sample, loss, count in zip(chunk, losses.tolist(), counts.tolist()):
                 scores[sample["index"]] = -loss * count
+        count_eval_truncation("choose_options", sum(collate.truncated.values()), collate.max_length)
         return [max(range(len(s["options"])), key=lambda j: scores[(i, j)]) for i, s in enumerate(samples)]
 
     def evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int) -> dict[str, list]:
@@ -493,6 +494,12 @@ class ContinualLM(pl.LightningModule):
             return self._evaluate_samples(samples, metric, max_new_tokens)
         finally:
             self.model.set_adapter(active)
+
+    def _eval_max_length(self) -> int | None:
+        """The data's ``max_length`` (evaluation inputs are cut to it like training samples); None without a DataModule."""
+        trainer = self._trainer
+        value = getattr(getattr(trainer, "datamodule", None), "max_length", None) if trainer is not None else None
+        return value if isinstance(value, int) and value > 0 else None
 
     def _evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int) -> dict[str, list]:
         losses = self.sample_losses(samples)
