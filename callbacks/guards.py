@@ -41,7 +41,7 @@ class FiniteLossGuard(Callback):
     """Stops training with :class:`NonFiniteLossError` once a step's loss is NaN/inf (see module docstring)."""
 
     def __init__(self) -> None:
-        self._first_bad: torch.Tensor | None = None  # global step of the first non-finite loss, -1 if none
+        self._first_bad: torch.Tensor | None = None  # optimizer step (1-based) of the first non-finite loss, -1 if none
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -72,7 +72,7 @@ class FiniteLossGuard(Callback):
         tasks = getattr(trainer.datamodule, "task_names", None)
         task = f" (task {tasks[trainer.current_epoch]!r})" if tasks and trainer.current_epoch < len(tasks) else ""
         raise NonFiniteLossError(
-            f"the training loss is not finite (NaN or inf) since step {step + 1 if step >= 0 else '?'}{task}; training stopped "
+            f"the training loss is not finite (NaN or inf) since step {step}{task}; training stopped "
             f"({where}), no checkpoint or score row was written after it. Lower model.learning_rate, check the data, or "
             "resume from an earlier checkpoint"
         )
