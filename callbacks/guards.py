@@ -13,7 +13,9 @@ Lightning's signal connector records it (``trainer.received_sigterm``) and its l
 ``SIGTERMException`` at the next batch end (or after the task-end hooks, where ``TaskCheckpoint``
 has just saved). This callback then writes ``last.ckpt`` if the stop fell mid-task (never on a task's
 last batch: resuming from there would skip the task's end, see ``TaskCheckpoint``), so that
-``--ckpt_path last`` resumes exactly. The CLI exits with :data:`SIGTERM_EXIT_CODE`.
+``--ckpt_path last`` resumes exactly. The CLI exits with :data:`SIGTERM_EXIT_CODE`. Under DDP it writes
+nothing extra (ranks can stop a batch apart and a save is collective): the run resumes, exactly, from
+its last periodic or task-end checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class FiniteLossGuard(Callback):
 
     def __init__(self) -> None:
         self._first_bad: torch.Tensor | None = None  # optimizer step (1-based) of the first non-finite loss, -1 if none
+        self._checked_step = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -52,7 +55,9 @@ class FiniteLossGuard(Callback):
         bad = ~torch.isfinite(loss.detach()).all()
         # device-side only: no synchronisation here
         self._first_bad = torch.where(bad & (self._first_bad < 0), torch.full_like(self._first_bad, trainer.global_step), self._first_bad)
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        step = trainer.global_step
+        if step % max(1, trainer.log_every_n_steps) == 0 and step != self._checked_step:  # once per step (accumulation)
+            self._checked_step = step
             self.check(trainer, "at a logging step")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -108,6 +113,11 @@ class SignalCheckpoint(Callback):
         between_batches = batches.completed == batches.processed
         if not (mid_task and between_batches and 0 < batches.completed < trainer.num_training_batches):
             rank_zero_info(f"SIGTERM at step {trainer.global_step}: not a safe point for a new checkpoint; the last one stays")
+            return
+        if trainer.world_size > 1:
+            # ranks may stop one batch apart (Lightning broadcasts the signal at the next batch), and a save is collective:
+            # no save rather than a hang; the run resumes from its last periodic or task-end checkpoint
+            rank_zero_info(f"SIGTERM at step {trainer.global_step} under DDP: no extra checkpoint; the last one stays")
             return
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)

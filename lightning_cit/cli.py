@@ -261,8 +261,9 @@ def _check_batch_division(trainer: Any, datamodule: Any) -> None:
 
 
 def _is_launcher_process() -> bool:
-    """The process that holds the run lock: not a DDP worker started by Lightning or torchrun for rank > 0."""
-    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK"))
+    """The process that holds the run lock: not a worker of rank > 0 (started by Lightning, torchrun, srun or mpirun)."""
+    names = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    return all(os.environ.get(name, "0") == "0" for name in names)
 
 
 def lock_run_dir(root: str | os.PathLike) -> Any:

@@ -114,7 +114,9 @@ def check_resume(trainer: Any, model: Any, datamodule: Any, ckpt_path: str) -> N
         checkpoint = _load_checkpoint(path)
     except Exception as err:  # noqa: BLE001 - as in SafeCheckpointIO
         raise checkpoint_error(path, err) from None
-    problems = _differences("model.", _plain(checkpoint.get("hyper_parameters") or {}), _plain(dict(model.hparams)), FREE_MODEL_KEYS)
+    problems = []
+    if "hyper_parameters" in checkpoint:  # (a checkpoint written by another tool may have none: nothing to compare)
+        problems += _differences("model.", _plain(checkpoint["hyper_parameters"]), _plain(dict(model.hparams)), FREE_MODEL_KEYS)
     state = checkpoint.get(type(datamodule).__qualname__)
     if isinstance(state, dict):
         problems += data_state_mismatches(datamodule, state)

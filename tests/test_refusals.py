@@ -101,11 +101,8 @@ def test_convert_gguf_checks_files_before_the_optional_package(tmp_path, capsys,
 def test_a_second_run_into_the_same_directory_is_refused_and_a_dead_holder_does_not_block(tmp_path, quickstart, capsys):
     root = tmp_path / "run"
     root.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
-         "print('locked', flush=True); time.sleep(120)", str(root / LOCK_FILE)],
-        stdout=subprocess.PIPE, text=True,
-    )
+    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(root / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _ = fit(tmp_path, small_config(quickstart), root=root)
@@ -167,7 +164,7 @@ def trained(tmp_path_factory, quickstart):
 
 
 def resume(tmp_path, trained, config, *extra, ckpt="last"):
-    directory, _, root = trained
+    _, _, root = trained
     ckpt_path = str(root / "checkpoints" / "last.ckpt") if ckpt == "file" else ckpt
     return fit(tmp_path, config, "--ckpt_path", ckpt_path, *extra, root=root)[0]
 
@@ -182,7 +179,7 @@ def test_resume_refuses_an_explicit_argument_that_differs_from_the_checkpoint(tm
 
 
 def test_resume_names_a_task_whose_definition_or_data_changed(tmp_path, trained, capsys):
-    directory, config, _ = trained
+    _, config, _ = trained
     changed = json.loads(json.dumps(config))
     changed["data"]["tasks"][1]["source"] = str(jsonl(tmp_path / "other.jsonl", plural_records()))
     assert resume(tmp_path, trained, changed) == 2
