@@ -102,6 +102,10 @@ def validate_specs(specs: list[TaskSpec]) -> None:
         where = f"task #{i} ({spec.name!r})"
         if not spec.name or not isinstance(spec.name, str):
             raise TaskDataError(f"task #{i}: field 'name' is missing or empty")
+        if spec.name in (".", "..") or any(c in spec.name for c in "/\\\0\n\r"):
+            # a task name is part of metric names (probe/loss/<task>), which some loggers (MLflow's file store) turn into
+            # file paths: no separators, no '..'
+            raise TaskDataError(f"task #{i}: name {spec.name!r} may not contain '/', '\\', line breaks or be '.' or '..'")
         if spec.name in seen:
             raise TaskDataError(f"duplicate task name {spec.name!r}: task names must be unique")
         seen.add(spec.name)

@@ -378,3 +378,13 @@ def test_an_unwritable_default_root_dir_is_one_error(tmp_path, quickstart, capsy
         subprocess.run(["umount", "-l", str(read_only)], check=False)
 
 
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "x\\y"])
+def test_task_names_that_would_be_paths_are_refused(name, tmp_path, quickstart, capsys):
+    config = small_config(quickstart)
+    config["data"]["tasks"][1]["name"] = name
+    code, root = fit(tmp_path, config)
+    assert code == 2
+    assert f"name {name!r} may not contain '/'" in error_line(capsys)
+    assert_no_scores(root)
