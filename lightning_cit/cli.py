@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_class_paths(argv)
         CITCLI(args=argv if explicit else None)
     except SIGTERMException:
-        print("error: stopped by SIGTERM before the run finished; the last checkpoint is in place: rerun the same "
-              "command with --ckpt_path last to resume exactly", file=sys.stderr)
+        if _is_launcher_process():  # once, not once per DDP rank
+            print("error: stopped by SIGTERM before the run finished; the last checkpoint is in place: rerun the same "
+                  "command with --ckpt_path last to resume exactly", file=sys.stderr)
         return SIGTERM_EXIT_CODE
     except Exception as err:
         # jsonargparse wraps errors raised in a class's __init__ (e.g. a callback's) in its own ValueError

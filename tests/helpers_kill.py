@@ -58,6 +58,8 @@ def maybe_kill(point: str, value: int | None = None) -> None:
         value = _calls[point]
     if value != int(wanted):
         return
+    if os.environ.get("CIT_KILL_RANK0_ONLY") == "1" and os.environ.get("LOCAL_RANK", "0") != "0":
+        return  # the signal reaches rank 0 only (Lightning's launcher forwards it to the other ranks)
     how = os.environ.get("CIT_KILL_HOW")
     if how == "raise":  # failure injection: an exception instead of a kill
         raise RuntimeError(f"injected failure at {spec}")
