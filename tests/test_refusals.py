@@ -247,13 +247,16 @@ def test_a_nan_prompt_is_refused(tmp_path, quickstart, capsys):
 def test_a_nan_loss_stops_the_run_non_zero_and_never_complete(tmp_path, quickstart, capsys):
     config = small_config(quickstart)
     config["trainer"]["callbacks"].append({"class_path": "helpers_callbacks.PoisonWeights", "init_args": {"at_step": 1}})
+    config["trainer"]["callbacks"][2]["init_args"]["every_n_train_steps"] = 1  # TaskCheckpoint: a checkpoint after every step
     code, root = fit(tmp_path, config, "--data.steps_per_task", "4", "--trainer.log_every_n_steps", "50")
     assert code == 1
     line = error_line(capsys)
-    assert "the training loss is not finite (NaN or inf) since step 2 (task 'safety')" in line
+    assert "the training loss is not finite (NaN or inf) since step 2 (task 'safety')" in line and "before a checkpoint" in line
     scores = json.loads(next(root.rglob("scores.json")).read_text())
     assert scores["complete"] is False and scores["rows"] == ["base"]  # no row scored with NaN weights
-    for checkpoint in (root / "checkpoints").glob("*.ckpt") if (root / "checkpoints").exists() else []:
+    saved = sorted((root / "checkpoints").glob("*.ckpt"))
+    assert [torch.load(c, weights_only=True)["global_step"] for c in saved] == [1, 1]  # epoch=0-step=1 and last: step 2 was refused
+    for checkpoint in saved:
         weights = torch.load(checkpoint, weights_only=True)["state_dict"]
         assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
