@@ -339,7 +339,8 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
         model = self._frozen if self._frozen is not None and self.reference == "base" else pl_module.model
         tokenizer = pl_module.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        batch = left_padded_prompts(tokenizer, prompts, pad_id)
+        max_length = getattr(getattr(pl_module.trainer, "datamodule", None), "max_length", None)  # the data's limit, as in training
+        batch = left_padded_prompts(tokenizer, prompts, pad_id, max_length if isinstance(max_length, int) else None)
         was_training = model.training
         model.eval()
         try:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_cit.collate import Collator
 from lightning_cit.errors import ConfigError
 from lightning_cit.replay import SELECTION_POLICIES, ReplayBuffer, ReplayMemory, check_capacity
+from lightning_cit.resume import data_settings, data_state_mismatches, task_fingerprints
 from lightning_cit.sampler import MixtureSampler
 from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, load_task, validate_specs
 
@@ -415,12 +416,15 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
             "position": position,
             "truncated": dict(self._collator.truncated) if self._collator else {},
             "tasks": [asdict(s) for s in self.specs],
+            # the resume rule (lightning_cit.resume): settings and each task's data fingerprint are compared on load
+            "settings": data_settings(self),
+            "fingerprints": task_fingerprints(self),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = [s["name"] for s in state.get("tasks", []) if s.get("train", True)]
-        if saved and saved != self.task_names:
-            raise TaskDataError(f"the checkpoint was trained on tasks {saved}, this run defines {self.task_names}")
+        problems = data_state_mismatches(self, state)
+        if problems:
+            raise TaskDataError(f"the checkpoint's data differs from this run's: {' | '.join(problems)}")
         self.schedule = {int(k): {int(b): list(w) for b, w in v.items()} for k, v in state["schedule"].items()}
         self.entry_schedule = {
             int(k): {int(b): {int(j): list(w) for j, w in e.items()} for b, e in v.items()}

@@ -8,13 +8,24 @@ Tool subcommands that are not Trainer entry points (``prepare-base`` here; later
 The CLI sets ``trainer.max_epochs`` to the number of trained tasks (one epoch per task), turns on
 ``reload_dataloaders_every_n_epochs=1`` and ``use_distributed_sampler=False`` (the mixture sampler
 is rank-aware itself), and reports bad input as one ``error:`` line with exit code 2.
+
+Reliability (README "Reliability"): ``fit`` holds an exclusive lock on ``default_root_dir`` for the
+whole run (a second run into the same directory is refused); checkpoints are written to a temporary
+file in their own directory, fsynced and renamed; every run gets ``FiniteLossGuard`` (a NaN/inf loss
+stops it, exit 1) and ``SignalCheckpoint`` (SIGTERM saves ``last.ckpt`` and exits 143); and a resume
+(``--ckpt_path``) must match the checkpoint: model hyperparameters, data settings, every task's
+definition and data fingerprint, and the controller. A difference is refused, naming it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -22,7 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_cit.errors import ConfigError
+from lightning_cit.errors import ConfigError, RunError
 
 SUBCOMMANDS: dict[str, str] = {
     "prepare-base": "lightning_cit.base:main",
@@ -54,8 +65,58 @@ def checkpoint_error(path: Any, err: BaseException) -> ConfigError:
     )
 
 
+TEMP_SUFFIX = ".lightning-cit-tmp"
+"""Suffix of the temporary file a checkpoint is written to (in the checkpoint's own directory) before the rename."""
+
+LOCK_FILE = ".lightning-cit.lock"
+"""The lock file ``fit`` creates in ``default_root_dir`` and holds (``flock``) while it runs."""
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, always ``weights_only=True``; a file that does not load is a :class:`ConfigError`."""
+    """Lightning's checkpoint IO, always ``weights_only=True`` and atomic on local disks.
+
+    A file that does not load is a :class:`ConfigError`. Saving writes a temporary file in the target's
+    own directory (never ``$TMPDIR``, which may be another filesystem, where the final step would be a
+    copy), fsyncs it and ``os.replace``-s it over the target: a kill at any moment leaves the previous
+    checkpoint whole. A failed write (a full disk) removes its temporary file and raises a :class:`RunError`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote storage: fsspec's transaction
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        except OSError as err:
+            raise RunError(f"cannot write checkpoint {str(path)!r}: {err.strerror or err}") from None
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                self._write(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power loss
+            finally:
+                os.close(directory)
+        except BaseException as err:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err).lower() and not isinstance(err, RunError)):
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+                raise RunError(
+                    f"cannot write checkpoint {str(path)!r} ({reason}); nothing partial was left behind and the previous "
+                    "checkpoint is intact. Free space (or fix permissions) and resume with --ckpt_path last"
+                ) from None
+            raise
+
+    def _write(self, checkpoint: dict[str, Any], handle: Any) -> None:
+        """Serialize ``checkpoint`` into the open temporary file (a seam for tests that kill mid-write)."""
+        import torch
+
+        torch.save(checkpoint, handle)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         try:
@@ -84,6 +145,9 @@ class CITCLI(LightningCLI):
                 "task, so leave trainer.max_epochs unset"
             )
         config["max_epochs"] = tasks
+        _check_callbacks(config.get("callbacks") or [], self.subcommand)
+        if self.subcommand == "fit":
+            config["callbacks"] = _with_guards(config.get("callbacks") or [])
         for key, value in TRAINER_DEFAULTS.items():
             if key in ("use_distributed_sampler", "reload_dataloaders_every_n_epochs") and config.get(key) != value:
                 raise ConfigError(f"trainer.{key} must be {value} for continual runs (the mixture sampler handles ranks and tasks)")
@@ -91,6 +155,7 @@ class CITCLI(LightningCLI):
             # during fit the ForgettingEvaluator scores every task; the validate loop is for `lightning-cit validate`
             config["limit_val_batches"] = 0
         trainer = super()._instantiate_trainer(config, callbacks)
+        _check_batch_division(trainer, self.datamodule)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own checkpoint IO is left alone
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         for callback in trainer.checkpoint_callbacks:
@@ -105,15 +170,147 @@ class CITCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads hyperparameters from a --ckpt_path file (weights_only=True) before anything else
+        # LightningCLI replaces the model's arguments by a --ckpt_path file's hyperparameters (weights_only=True)
+        # before anything else. For `fit` that would silently drop explicit arguments; instead the resume is
+        # checked against the checkpoint in before_fit and any difference is refused (the resume rule).
         try:
+            if self.config.get("subcommand") == "fit":
+                path = self.config.fit.get("ckpt_path")
+                if path and Path(path).is_file():
+                    _load_checkpoint(path)
+                return
             super()._parse_ckpt_path()
         except Exception as err:  # noqa: BLE001 - as in SafeCheckpointIO
             raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err) from None
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # the run lock is released when the run ends, however it ends (the process may go on: tests, notebooks)
+            lock = getattr(self, "_run_lock", None)
+            if lock is not None:
+                lock.close()
+                self._run_lock = None
+
     def before_fit(self) -> None:
         # read every task file now, so malformed data fails before any model is built or file written
         self.datamodule.load_tasks()
+        self._run_lock = lock_run_dir(self.trainer.default_root_dir)
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                remove_stale_temporaries(callback.dirpath)
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path:
+            from lightning_cit.resume import check_resume
+
+            check_resume(self.trainer, self.model, self.datamodule, ckpt_path)
+
+
+def _load_checkpoint(path: Any) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+
+
+def _check_callbacks(callbacks: list[Any], subcommand: str | None) -> None:
+    """Two mixture controllers are refused; a run without a controller or an evaluator is told what it will not do."""
+    from lightning_cit.callbacks import ForgettingEvaluator, MixtureController
+
+    controllers = [type(c).__name__ for c in callbacks if isinstance(c, MixtureController)]
+    if len(controllers) > 1:
+        raise ConfigError(
+            f"trainer.callbacks has {len(controllers)} mixture controllers ({', '.join(controllers)}); one run has one "
+            "controller (the first to decide would win and the others be ignored): keep one"
+        )
+    if subcommand != "fit":
+        return
+    if not controllers:
+        rank_zero_warn(
+            "no mixture controller in trainer.callbacks: every task trains on its own data only, no replay of earlier tasks "
+            "(add lightning_cit.callbacks.NoReplay to say so explicitly, or FixedRatio/... to replay)"
+        )
+    if not any(isinstance(c, ForgettingEvaluator) for c in callbacks):
+        rank_zero_warn(
+            "no ForgettingEvaluator in trainer.callbacks: no task is scored, no scores.json is written and controllers "
+            "that read probe losses get none (add lightning_cit.callbacks.ForgettingEvaluator)"
+        )
+
+
+def _with_guards(callbacks: list[Any]) -> list[Any]:
+    """The configured callbacks with ``FiniteLossGuard`` first and ``SignalCheckpoint`` (unless configured already)."""
+    from lightning_cit.callbacks.guards import FiniteLossGuard, SignalCheckpoint
+
+    callbacks = list(callbacks)
+    if not any(isinstance(c, FiniteLossGuard) for c in callbacks):
+        callbacks.insert(0, FiniteLossGuard())
+    if not any(isinstance(c, SignalCheckpoint) for c in callbacks):
+        callbacks.append(SignalCheckpoint())
+    return callbacks
+
+
+def _check_batch_division(trainer: Any, datamodule: Any) -> None:
+    """``global_batch_size`` must divide over the devices, checked before any DDP process is started."""
+    world = int(getattr(trainer, "num_nodes", 1) or 1) * int(getattr(trainer, "num_devices", 1) or 1)
+    accumulate = trainer.accumulate_grad_batches
+    size = getattr(datamodule, "global_batch_size", None)
+    if isinstance(size, int) and size % (world * accumulate):
+        raise ConfigError(
+            f"data.global_batch_size={size} is not divisible by the {world} devices x trainer.accumulate_grad_batches "
+            f"({accumulate}); choose sizes whose product divides it"
+        )
+
+
+def _is_launcher_process() -> bool:
+    """The process that holds the run lock: not a worker of rank > 0 (started by Lightning, torchrun, srun or mpirun)."""
+    names = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    return all(os.environ.get(name, "0") == "0" for name in names)
+
+
+def lock_run_dir(root: str | os.PathLike) -> Any:
+    """Take the run lock of ``root`` (created if missing); returns the open lock file, held until the process exits.
+
+    ``fcntl.flock`` is released by the kernel when the process dies, so a killed run never blocks the next one.
+    """
+    if not _is_launcher_process():
+        return None
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    except OSError as err:
+        reason = "not a directory" if isinstance(err, (NotADirectoryError, FileExistsError)) else err.strerror
+        raise ConfigError(f"trainer.default_root_dir {str(root)!r} cannot be written ({reason}); choose a writable directory") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.close()
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(
+                f"another lightning-cit run is using trainer.default_root_dir {str(root)!r} (it holds {LOCK_FILE}); "
+                "wait for it to finish or choose another directory"
+            ) from None
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    if not os.access(root, os.W_OK):
+        raise ConfigError(f"trainer.default_root_dir {str(root)!r} is not writable")
+    return handle
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete checkpoint temporaries a killed run left in ``directory`` (only our own ``*.lightning-cit-tmp`` files).
+
+    Called with the run lock held, so no other run can be writing them.
+    """
+    removed = []
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in directory.glob(f".*{TEMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+    return removed
 
 
 def _check_class_paths(argv: list[str]) -> None:
@@ -177,12 +374,24 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         module_name, _, function = SUBCOMMANDS[argv[0]].partition(":")
         return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lightning_cit.callbacks.guards import SIGTERM_EXIT_CODE
+
     try:
         _check_class_paths(argv)
         CITCLI(args=argv if explicit else None)
+    except SIGTERMException:
+        if _is_launcher_process():  # once, not once per DDP rank
+            print("error: stopped by SIGTERM before the run finished; the last checkpoint is in place: rerun the same "
+                  "command with --ckpt_path last to resume exactly", file=sys.stderr)
+        return SIGTERM_EXIT_CODE
     except Exception as err:
         # jsonargparse wraps errors raised in a class's __init__ (e.g. a callback's) in its own ValueError
         config_error = _find_config_error(err)
+        if isinstance(config_error, RunError):
+            print(f"error: {config_error}", file=sys.stderr)
+            return 1
         if config_error is None:
             raise
         print(f"error: {config_error}", file=sys.stderr)
@@ -190,12 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _find_config_error(err: BaseException | None) -> ConfigError | None:
+def _find_config_error(err: BaseException | None) -> ConfigError | RunError | None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
+        if isinstance(err, (ConfigError, RunError)):
             return err
         if isinstance(err, MisconfigurationException):  # Lightning's own "this setting is wrong" (e.g. a callback's argument)
             return ConfigError(str(err).strip().replace("\n", " "))

@@ -100,9 +100,34 @@ class Collator:
         }
 
 
-def left_padded_prompts(tokenizer: Any, prompts: list[list[dict]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Prompts ready for batched generation: left padding so every row ends where generation starts."""
+EVAL_TRUNCATED: Counter[str] = Counter()
+"""Evaluation prompts cut to ``max_length`` tokens in this process, by kind (``generate``); warned about once per kind."""
+_eval_warned: set[str] = set()
+
+
+def count_eval_truncation(kind: str, count: int, max_length: int) -> None:
+    """Count ``count`` truncated evaluation inputs of ``kind``; warn the first time a kind is truncated."""
+    if count <= 0:
+        return
+    EVAL_TRUNCATED[kind] += count
+    if kind not in _eval_warned:
+        _eval_warned.add(kind)
+        rank_zero_warn(
+            f"evaluation ({kind}): inputs longer than max_length={max_length} tokens are cut to their last {max_length} "
+            "tokens (counted in lightning_cit.collate.EVAL_TRUNCATED; warned once). Raise data.max_length to keep them whole."
+        )
+
+
+def left_padded_prompts(tokenizer: Any, prompts: list[list[dict]], pad_id: int, max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Prompts ready for batched generation: left padding so every row ends where generation starts.
+
+    ``max_length`` (the data's limit) keeps each prompt's last ``max_length`` tokens, the end being where the
+    question and the generation prompt are; truncations are counted and warned about once.
+    """
     ids = [tokenizer(prompt_text(tokenizer, m), add_special_tokens=False)["input_ids"] for m in prompts]
+    if max_length is not None:
+        count_eval_truncation("generate", sum(len(x) > max_length for x in ids), max_length)
+        ids = [x[len(x) - max_length :] if len(x) > max_length else x for x in ids]
     length = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), length), dtype=torch.long)

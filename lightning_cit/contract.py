@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_cit.collate import Collator, left_padded_prompts
+from lightning_cit.collate import Collator, count_eval_truncation, left_padded_prompts
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 
@@ -406,12 +406,13 @@ class ContinualModule:
     (the default is ``TaskClock("fit")``, one fit per task). If you override ``on_save_checkpoint`` /
     ``on_load_checkpoint``, call ``super()``: the task clock is saved there.
 
-    Optional attributes: ``eval_batch_size`` (default 64), ``max_eval_length`` (tokens per scored
-    sample, default 1024; longer prompts are cut from the left, counted and warned about once).
+    Optional attributes: ``eval_batch_size`` (default 64), ``max_eval_length`` (tokens per evaluated
+    prompt; default None: the DataModule's ``max_length``, else 2048; longer prompts keep their end, are
+    counted and warned about once).
     """
 
     eval_batch_size: int = 64
-    max_eval_length: int = 1024
+    max_eval_length: int | None = None
 
     # ------------------------------------------------------------------ contract state
     @property
@@ -498,8 +499,17 @@ class ContinualModule:
         return out
 
     # ------------------------------------------------------------------ inference (what callbacks call)
-    def _eval_collator(self) -> Collator:
-        return Collator(self.tokenizer, int(self.max_eval_length), [])
+    def eval_max_length(self) -> int:
+        """Tokens per evaluated prompt: ``max_eval_length``, else the data's ``max_length`` (as in training), else 2048.
+
+        Everything that reaches the model is cut to a limit: one 10 MB record in an eval split must not ask for
+        petabytes (issue 16). Cuts keep a prompt's end, are counted (``collate.EVAL_TRUNCATED``) and warned about once.
+        """
+        if self.max_eval_length:
+            return int(self.max_eval_length)
+        trainer = self._trainer
+        value = getattr(getattr(trainer, "datamodule", None), "max_length", None) if trainer is not None else None
+        return value if isinstance(value, int) and value > 0 else 2048
 
     def probe_loss(self, samples: list[dict], max_length: int = 256) -> float:
         """Mean teacher-forced loss over ``samples`` (the cheap probe the controllers read)."""
@@ -512,7 +522,7 @@ class ContinualModule:
         from lightning_cit.loss import per_sample_loss
 
         # probes and eval losses have always been cut at 256 tokens (prompt cut from the left): comparable across releases
-        collate = Collator(self.tokenizer, int(max_length or min(256, self.max_eval_length)), [])
+        collate = Collator(self.tokenizer, int(max_length or 256), [])
         out: list[float] = []
         for i in range(0, len(samples), self.eval_batch_size):
             batch = collate(samples[i : i + self.eval_batch_size])
@@ -538,7 +548,7 @@ class ContinualModule:
         answers: list[str] = []
         for i in range(0, len(samples), self.eval_batch_size):
             chunk = samples[i : i + self.eval_batch_size]
-            batch = left_padded_prompts(tokenizer, [s["messages"] for s in chunk], pad_id)
+            batch = left_padded_prompts(tokenizer, [s["messages"] for s in chunk], pad_id, self.eval_max_length())
             output = self.model.generate(
                 input_ids=batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
@@ -560,7 +570,7 @@ class ContinualModule:
             for i, s in enumerate(samples)
             for j, option in enumerate(s["options"])
         ]
-        collate = self._eval_collator()
+        collate = Collator(self.tokenizer, self.eval_max_length(), [])
         scores: dict[tuple[int, int], float] = {}
         for start in range(0, len(expanded), self.eval_batch_size):
             chunk = expanded[start : start + self.eval_batch_size]
@@ -569,6 +579,7 @@ class ContinualModule:
             losses, counts = per_sample_loss(logits, batch["labels"].to(self.device))
             for sample, loss, count in zip(chunk, losses.tolist(), counts.tolist()):
                 scores[sample["index"]] = -loss * count
+        count_eval_truncation("choose_options", sum(collate.truncated.values()), collate.max_length)
         return [max(range(len(s["options"])), key=lambda j: scores[(i, j)]) for i, s in enumerate(samples)]
 
     def evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int, synced_gpus: bool = False) -> dict[str, list]:

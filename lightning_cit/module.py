@@ -68,7 +68,8 @@ class ContinualLM(ContinualModule, pl.LightningModule):
         loss_chunk_tokens: rows per chunk of the loss (float32 logits of at most this many tokens at a time).
         task_style: ``epoch`` (one fit walks the sequence, epoch = task: the CLI) or ``fit`` (one ``Trainer.fit``
             per task); see :class:`~lightning_cit.contract.TaskClock`.
-        max_eval_length: tokens per scored sample in evaluation, probes and rollouts (longer prompts are cut from the left).
+        max_eval_length: tokens per evaluated prompt (generation, option scoring, rollouts; longer prompts keep their end,
+            counted and warned about); None = the data's ``max_length``, as for training samples.
     """
 
     def __init__(
@@ -90,7 +91,7 @@ class ContinualLM(ContinualModule, pl.LightningModule):
         fused_loss: bool = False,
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         task_style: TaskStyle = "epoch",
-        max_eval_length: int = 1024,
+        max_eval_length: int | None = None,
     ) -> None:
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:

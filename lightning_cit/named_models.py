@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,9 +44,31 @@ MARKER = "lightning_cit_model.json"
 """Written last into a converted folder: its presence means the conversion finished."""
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A model name becomes a folder name in the cache: no separators, no ``..``, no leading dot."""
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"--name {name!r} cannot be a folder name in the cache: use letters, digits, '.', '_' and '-' only "
+            "(no '/', no '..', not starting with '.')"
+        )
+    return name
+
+
 def named_model_dir(name: str, cache_dir: str | None = None) -> Path:
     """Where the converted folder of ``name`` lives (it may not exist yet)."""
-    return cache_root(cache_dir) / name
+    return cache_root(cache_dir) / check_name(name)
+
+
+def have_gguf() -> bool:
+    """Whether the optional ``gguf`` package imports (``pip install gguf`` or the ``[real]`` extra)."""
+    try:
+        importlib.import_module("gguf")
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_named_model(name: str, cache_dir: str | None = None) -> str:
@@ -82,19 +105,29 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
     """Dequantize ``gguf_file`` into a plain Hugging Face folder ``out`` (model + tokenizer); returns ``out``.
 
     The folder is written to a staging directory next to ``out`` and moved into place at the end, so an
-    interrupted conversion never leaves a half-written folder that later runs would load.
+    interrupted conversion never leaves a half-written folder that later runs would load. Nothing this
+    function did not write is deleted: an existing ``out`` must be empty or a finished conversion (it holds
+    :data:`MARKER`); anything else is refused. The file arguments are checked before the ``gguf`` package.
     """
     import torch
 
-    if importlib.util.find_spec("gguf") is None:
-        raise ConfigError("converting a GGUF needs the 'gguf' package: pip install gguf (or pip install -e \".[real]\")")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype {dtype!r} is unknown; valid: float32, bfloat16, float16")
     gguf_file, out = Path(gguf_file), Path(out)
     if not gguf_file.is_file():
         raise ConfigError(f"GGUF file {str(gguf_file)!r} does not exist")
-    if (out / MARKER).exists() and not overwrite:
+    finished = (out / MARKER).is_file()
+    if finished and not overwrite:
         return str(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a folder; choose a new folder")
+    if out.is_dir() and not finished and any(out.iterdir()):
+        raise ConfigError(
+            f"--out {str(out)!r} exists and is not a finished conversion (no {MARKER}); it is left untouched: "
+            "choose a new or empty folder"
+        )
+    if not have_gguf():
+        raise ConfigError("converting a GGUF needs the 'gguf' package: pip install gguf (or pip install -e \".[real]\")")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -115,9 +148,13 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
         tokenizer.save_pretrained(staging)
         info = {"gguf": gguf_file.name, "dtype": dtype, "parameters": sum(p.numel() for p in model.parameters())}
         (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        previous = None
+        if (out / MARKER).is_file():  # a finished conversion of ours (--overwrite): moved aside, removed once replaced
+            previous = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, previous / out.name)
+        os.replace(staging, out)  # onto a missing or empty folder
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -150,6 +187,8 @@ def main(argv: list[str]) -> int:
     try:
         if args.gguf is None and args.name not in NAMED_MODELS:
             raise ConfigError(f"unknown model name {args.name!r}; valid: {', '.join(NAMED_MODELS)} (or pass --gguf FILE)")
+        if args.out is None:
+            check_name(args.name)
         source = Path(args.gguf) if args.gguf else gguf_path(args.name)
         target = Path(args.out) if args.out else named_model_dir(args.name, args.cache_dir)
         path = convert_gguf(source, target, dtype=args.dtype, overwrite=args.overwrite)

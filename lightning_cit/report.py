@@ -208,22 +208,45 @@ def write_curves(path: str | os.PathLike, runs: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def heatmap_names(runs: list[dict[str, Any]]) -> list[str]:
+    """One file name per run, all different: labels that map to the same name (``a/b``, ``a?b``) get ``_2``, ``_3``..."""
+    names: list[str] = []
+    for run in runs:
+        stem = base = _file_stem(run["label"])
+        n = 1
+        while f"heatmap_{stem}.png" in names:
+            n += 1
+            stem = f"{base}_{n}"
+        names.append(f"heatmap_{stem}.png")
+    return names
+
+
 def write_report(runs: list[dict[str, Any]], out: str | os.PathLike) -> str:
     """Write table.md, report.json, curves.png and one heatmap per run to ``out``; returns the table."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_report(runs, out)
+    except OSError as err:
+        raise ConfigError(f"--out {str(out)!r}: cannot write the report ({err.strerror or err})") from None
+
+
+def _write_report(runs: list[dict[str, Any]], out: Path) -> str:
     _unique_labels(runs)
     table = comparison_table(runs)
     atomic_write_text(out / "table.md", table + "\n")
     report = {
         "runs": [
-            {"label": r["label"], "file": r["file"], "tasks": r["scores"]["tasks"], "summary": run_summary(r), "deltas": probe_deltas(r["scores"])}
-            for r in runs
+            {"label": r["label"], "file": r["file"], "heatmap": name, "tasks": r["scores"]["tasks"], "summary": run_summary(r),
+             "deltas": probe_deltas(r["scores"])}
+            for r, name in zip(runs, heatmap_names(runs))
         ]
     }
     atomic_write_json(out / "report.json", report)
-    for run in runs:
-        write_heatmap(out / f"heatmap_{_file_stem(run['label'])}.png", run["scores"])
+    for run, name in zip(runs, heatmap_names(runs)):
+        write_heatmap(out / name, run["scores"])
     write_curves(out / "curves.png", runs)
     return table
 
@@ -244,5 +267,5 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(table)
-    print(f"\nwritten to {args.out}: table.md, report.json, curves.png, " + ", ".join(f"heatmap_{_file_stem(r['label'])}.png" for r in runs))
+    print(f"\nwritten to {args.out}: table.md, report.json, curves.png, " + ", ".join(heatmap_names(runs)))
     return 0

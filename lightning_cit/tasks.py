@@ -18,8 +18,11 @@ names are configurable per task.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
 import json
+import math
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -78,6 +81,17 @@ class TaskData:
     eval: list[dict]
     probe: list[dict]
     metric: str = field(default="exact_match")
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def fingerprint(self) -> str:
+        """sha256 over the normalized train/eval/probe samples: a resume names a task whose data changed."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for split in (self.train, self.eval, self.probe):
+                digest.update(json.dumps(split, sort_keys=True, default=repr, ensure_ascii=False).encode("utf-8"))
+                digest.update(b"\0")
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
 
 def validate_specs(specs: list[TaskSpec]) -> None:
@@ -88,6 +102,10 @@ def validate_specs(specs: list[TaskSpec]) -> None:
         where = f"task #{i} ({spec.name!r})"
         if not spec.name or not isinstance(spec.name, str):
             raise TaskDataError(f"task #{i}: field 'name' is missing or empty")
+        if spec.name in (".", "..") or any(c in spec.name for c in "/\\\0\n\r"):
+            # a task name is part of metric names (probe/loss/<task>), which some loggers (MLflow's file store) turn into
+            # file paths: no separators, no '..'
+            raise TaskDataError(f"task #{i}: name {spec.name!r} may not contain '/', '\\', line breaks or be '.' or '..'")
         if spec.name in seen:
             raise TaskDataError(f"duplicate task name {spec.name!r}: task names must be unique")
         seen.add(spec.name)
@@ -211,7 +229,7 @@ def _read_text(spec: TaskSpec, path: Path) -> str:
     """The file decoded as UTF-8; undecodable bytes are a :class:`TaskDataError` naming the line."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading byte-order mark (some editors write one) is not data
     except UnicodeDecodeError as err:
         lineno = raw[: err.start].count(b"\n") + 1
         raise TaskDataError(
@@ -222,13 +240,34 @@ def _read_text(spec: TaskSpec, path: Path) -> str:
 def _read_with_datasets(spec: TaskSpec, path: Path, builder: str) -> list[tuple[str, dict]]:
     import datasets
 
+    if builder == "csv":
+        _check_csv(spec, path)
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        options = {"encoding": "utf-8-sig"} if builder == "csv" else {}
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
         raise TaskDataError(f"task {spec.name!r}: cannot read {path} as {builder}: {err}") from None
     # csv rows are numbered from 2: line 1 is the header
     first = 2 if builder == "csv" else 0
     return [(f"{path}:{i + first}" if builder == "csv" else f"{path}[row {i}]", dict(r)) for i, r in enumerate(dataset)]
+
+
+def _check_csv(spec: TaskSpec, path: Path) -> None:
+    """A CSV whose rows do not parse, or have more cells than the header, is an error naming the line."""
+    text = _read_text(spec, path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        for row in reader:
+            if len(row) > len(header):
+                raise TaskDataError(
+                    f"task {spec.name!r}: {path}:{reader.line_num}: {len(row)} cells but the header has {len(header)} "
+                    f"({', '.join(header)}); quote cells that contain commas"
+                )
+    except csv.Error as err:
+        raise TaskDataError(f"task {spec.name!r}: {path}:{reader.line_num}: malformed CSV ({err})") from None
 
 
 def _read_datasets_dir(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
@@ -271,15 +310,15 @@ def _normalize(spec: TaskSpec, record: Any, where: str) -> dict:
         turns = record[spec.messages_field]
         if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
             raise TaskDataError(f"task {spec.name!r}: {where}: field {spec.messages_field!r} must be a non-empty list of turns")
-        for t in turns:
+        for i, t in enumerate(turns):
             if "role" not in t or "content" not in t:
                 raise TaskDataError(f"task {spec.name!r}: {where}: every turn in {spec.messages_field!r} needs 'role' and 'content'")
+            for key in ("role", "content"):
+                _check_text(spec, t[key], where, f"{spec.messages_field}[{i}].{key}")
         if turns[-1]["role"] != "assistant":
             raise TaskDataError(f"task {spec.name!r}: {where}: the last turn of {spec.messages_field!r} must be the assistant's answer")
         if len(turns) < 2:
             raise TaskDataError(f"task {spec.name!r}: {where}: field {spec.messages_field!r} needs a prompt turn before the answer")
-            for key in ("role", "content"):
-                _check_text(spec, t[key], where, f"{spec.messages_field}[].{key}")
         messages = [{"role": str(t["role"]), "content": str(t["content"])} for t in turns[:-1]]
         response = str(turns[-1]["content"])
     else:
@@ -304,9 +343,12 @@ def _normalize(spec: TaskSpec, record: Any, where: str) -> dict:
 
 
 def _check_text(spec: TaskSpec, value: Any, where: str, name: str) -> None:
-    # numbers are fine as text (a CSV column of digits); a list or mapping would train on its Python repr
-    if not isinstance(value, (str, int, float)):
+    # numbers are fine as text (a CSV column of digits); a list or mapping would train on its Python repr,
+    # a NaN (an empty cell read by a dataframe library, or JSON's NaN) on the text "nan"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TaskDataError(f"task {spec.name!r}: {where}: field {name!r} must be text, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TaskDataError(f"task {spec.name!r}: {where}: field {name!r} is {value!r}, not text (an empty or missing value?)")
 
 
 def _check_choice(spec: TaskSpec, sample: dict, where: str) -> None:

@@ -76,3 +76,19 @@ class FailAtTaskEnd(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == self.task:
             raise RuntimeError(f"injected failure at the end of task {self.task}")
+
+
+class PoisonWeights(Callback):
+    """Fills every trainable weight with NaN before optimizer step ``at_step`` (a run whose loss becomes NaN)."""
+
+    def __init__(self, at_step: int = 2) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            import torch
+
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    if parameter.requires_grad and parameter.is_floating_point():
+                        parameter.fill_(float("nan"))

@@ -13,7 +13,11 @@ kill at the requested point from a crash anywhere else. Points:
 - ``opr:N``: inside the N-th OPR answer batch of this process (during a rollout);
 - ``jfa:N``: inside the N-th JFA reference generation of this process (flashbacks at a task end).
 
-With ``CIT_KILL_HOW=raise`` the point raises a ``RuntimeError`` instead (failure injection in-process).
+- ``last_write:N``: half-way through writing the N-th ``last.ckpt`` of this process (``KillingCheckpointIO``,
+  given as ``trainer.plugins``: the CLI's atomic ``SafeCheckpointIO`` with a kill between two halves of the bytes).
+
+With ``CIT_KILL_HOW=raise`` the point raises a ``RuntimeError`` instead (failure injection in-process); with
+``CIT_KILL_HOW=term`` the process sends itself SIGTERM and carries on (what a scheduler's pre-emption does).
 
 ``Killable<Name>`` is ``lightning_cit.callbacks.<Name>`` with a kill check in front of the method that
 does that work (a subclass built on first access; the library is not patched). A callback this table
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import signal
@@ -32,6 +37,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_cit.cli import SafeCheckpointIO
 
 KILL_ENV = "CIT_KILL_AT"
 MARK_ENV = "CIT_KILL_MARK"
@@ -51,7 +58,10 @@ def maybe_kill(point: str, value: int | None = None) -> None:
         value = _calls[point]
     if value != int(wanted):
         return
-    if os.environ.get("CIT_KILL_HOW") == "raise":  # failure injection: an exception instead of a kill
+    if os.environ.get("CIT_KILL_RANK0_ONLY") == "1" and os.environ.get("LOCAL_RANK", "0") != "0":
+        return  # the signal reaches rank 0 only (Lightning's launcher forwards it to the other ranks)
+    how = os.environ.get("CIT_KILL_HOW")
+    if how == "raise":  # failure injection: an exception instead of a kill
         raise RuntimeError(f"injected failure at {spec}")
     mark = os.environ.get(MARK_ENV)
     if mark:
@@ -59,7 +69,7 @@ def maybe_kill(point: str, value: int | None = None) -> None:
             handle.write(spec)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGTERM if how == "term" else signal.SIGKILL)
 
 
 class KillSwitch(Callback):
@@ -76,6 +86,25 @@ class KillSwitch(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         maybe_kill("task_end", trainer.current_epoch)
+
+
+class KillingCheckpointIO(SafeCheckpointIO):
+    """``SafeCheckpointIO`` whose ``last.ckpt`` writes can be killed half-way (kill point ``last_write:N``)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self._target = os.path.basename(str(path))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def _write(self, checkpoint: dict[str, Any], handle: Any) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        os.fsync(handle.fileno())
+        if self._target.startswith("last"):
+            maybe_kill("last_write")
+        handle.write(data[len(data) // 2 :])
 
 
 def _kill_points() -> list[tuple[type, str, str]]:

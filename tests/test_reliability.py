@@ -12,6 +12,15 @@ behave exactly like ``<Name>`` unless ``CIT_KILL_AT`` is set). Per config the de
   schedule, buffers, every callback's state and the trainable weights; they train on disjoint samples;
   exactly one ``scores.json`` is written.
 
+Signals and disks (quickstart in the default suite, every config in the full tier):
+
+- SIGTERM (what a scheduler sends before a kill) mid-task and during the task-end evaluation: the process
+  exits 143 with one ``error:`` line, leaves a ``last.ckpt`` at the step it stopped (mid-task) or at the task
+  end, and ``--ckpt_path last`` ends bit-identical;
+- SIGKILL half-way through writing ``last.ckpt`` with ``default_root_dir`` on a tmpfs and ``$TMPDIR`` on
+  another filesystem: the previous ``last.ckpt`` is whole, nothing was written to ``$TMPDIR``, the resumed run
+  removes the dead temporary and ends bit-identical; a full disk is a clean error that leaves no partial file.
+
 The full matrix (every config x every kill point, ``KILL_POINTS``) runs with
 ``CIT_RELIABILITY_FULL=1 python -m pytest -m reliability_full tests/test_reliability.py``.
 
@@ -22,6 +31,7 @@ and a method overlay; the shrinking overrides of its callbacks, and the kill poi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -302,3 +312,141 @@ def test_two_process_ddp_ranks_agree_and_read_disjoint_samples(name, tmp_path):
         current = [sid for rank in ranks for t, _, sources, ids in rank["seen"] if t == task
                    for source, sid in zip(sources, ids) if source == task]
         assert current and len(current) == len(set(current)), f"task {task + 1}: a sample was read twice across ranks"
+
+
+# ---------------------------------------------------------------------------------------------- SIGTERM
+
+TERM_POINTS = ["step:random", "eval:2"]  # mid-task (SignalCheckpoint saves there), then during a task-end evaluation
+
+
+def term_at(config: Path, root: Path, point: str, tmp_path: Path) -> int:
+    """Run ``fit --ckpt_path last`` in a subprocess that sends itself SIGTERM at ``point``; returns last.ckpt's step."""
+    mark = tmp_path / f"termed_{point.replace(':', '_')}"
+    env = subprocess_env(**{helpers_kill.KILL_ENV: point, helpers_kill.MARK_ENV: str(mark), "CIT_KILL_HOW": "term"})
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(root), "--ckpt_path", "last"]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 143, f"expected exit 143 after SIGTERM at {point}, got rc={proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert mark.read_text() == point
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "SIGTERM" in errors[0] and "--ckpt_path last" in errors[0], proc.stderr[-2000:]
+    scores = final_scores(root)
+    assert scores["complete"] is (len(scores["rows"]) == TASKS + 1)  # complete only if the last task's row was written
+    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+def sigterm_and_resume(name: str, tmp_path: Path, reference) -> None:
+    config, want = reference(name)
+    root = tmp_path / "run"
+    step_point = resolve(name, TERM_POINTS[0])
+    stopped = int(step_point.split(":")[1])
+    assert term_at(config, root, step_point, tmp_path) == stopped  # saved at the very step it stopped, mid-task
+    # the resumed process's 2nd scored task is in the row at the end of the task it resumed in
+    assert term_at(config, root, TERM_POINTS[1], tmp_path) == STEPS * math.ceil(stopped / STEPS)  # the task-end checkpoint
+    assert fit(config, root, "--ckpt_path", "last") == 0
+    assert_same_scores(final_scores(root), want)
+
+
+def test_sigterm_saves_exits_143_and_resumes_bit_identical(tmp_path, reference):
+    sigterm_and_resume("quickstart", tmp_path, reference)
+
+
+@pytest.mark.reliability_full
+@pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1")
+@pytest.mark.parametrize("name", [n for n in CASES if n != "quickstart"])
+def test_sigterm_matrix(name, tmp_path, reference):
+    sigterm_and_resume(name, tmp_path, reference)
+
+
+@pytest.mark.reliability_full
+@pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1")
+def test_sigterm_to_the_ddp_launcher_exits_143_and_resumes_bit_identical(tmp_path):
+    """SIGTERM to rank 0 (Lightning forwards it to the other ranks): exit 143, and the resume matches an unbroken DDP run.
+
+    (A SIGTERM delivered to every rank at once, as SLURM does, can hang inside Lightning 2.6's own signal handler, which
+    broadcasts from every rank's handler and is called twice on ranks > 0; see the README.)
+    """
+    config = shrunk_config("quickstart", tmp_path, tasks=DDP_TASKS)
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+    def run(root: Path, **env: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(root), *ddp,
+               "--ckpt_path", "last"]
+        return subprocess.run(cmd, check=False, env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
+
+    assert run(tmp_path / "reference").returncode == 0
+    stop = CHECKPOINT_EVERY + 1  # one step after the periodic checkpoint of task 1
+    proc = run(tmp_path / "run", **{helpers_kill.KILL_ENV: f"step:{stop}", "CIT_KILL_HOW": "term", "CIT_KILL_RANK0_ONLY": "1"})
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error: ")]) == 1
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == CHECKPOINT_EVERY
+    assert run(tmp_path / "run").returncode == 0
+    assert_same_scores(final_scores(tmp_path / "run"), final_scores(tmp_path / "reference"))
+
+
+# ---------------------------------------------------------------------------------------------- disks
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A fresh tmpfs (another filesystem than tmp_path's) mounted for the test; skipped where mounting is not allowed."""
+
+    def mount(name: str, size: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root (the cross-filesystem checkpoint test)")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=False, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()[:200]}")
+        mounted.append(point)
+        return point
+
+    mounted: list[Path] = []
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def with_plugin(config: Path, directory: Path, plugin: str) -> Path:
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["plugins"] = [{"class_path": plugin}]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config_plugin.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_kill_while_writing_last_ckpt_across_filesystems_keeps_the_previous_one(tmp_path, reference, tmpfs):
+    config, want = reference("quickstart")
+    config = with_plugin(config, tmp_path, "helpers_kill.KillingCheckpointIO")
+    disk = tmpfs("mnt", "256m")
+    scratch = tmp_path / "tmpdir"  # $TMPDIR: the disk tmp_path is on, not the tmpfs
+    scratch.mkdir()
+    assert os.stat(disk).st_dev != os.stat(scratch).st_dev
+    root = disk / "run"
+    point = "last_write:2"  # the 2nd last.ckpt: at the end of task 1, after the periodic one at step 4
+    mark = tmp_path / "killed"
+    env = subprocess_env(**{helpers_kill.KILL_ENV: point, helpers_kill.MARK_ENV: str(mark), "TMPDIR": str(scratch)})
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(root), "--ckpt_path", "last"]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL and mark.read_text() == point, proc.stderr[-3000:]
+    checkpoints = root / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == CHECKPOINT_EVERY  # the previous one, whole
+    dead = list(checkpoints.glob(".last.ckpt.*.lightning-cit-tmp"))
+    assert len(dead) == 1 and dead[0].stat().st_size > 0  # the half-written temporary sits next to it, not in $TMPDIR
+    assert not [p for p in scratch.rglob("*") if p.is_file() and p.stat().st_size > 1_000_000]
+    assert fit(config, root, "--ckpt_path", "last") == 0
+    assert not list(checkpoints.glob("*.lightning-cit-tmp"))  # the resumed run removed the dead temporary
+    assert_same_scores(final_scores(root), want)
+
+
+def test_full_disk_is_one_error_and_leaves_no_partial_checkpoint(tmp_path, reference, tmpfs, capsys):
+    config, _ = reference("quickstart")
+    disk = tmpfs("small", "160k")  # room for the logs and scores (~32 kB), not for a checkpoint (~196 kB)
+    root = disk / "run"
+    assert fit(config, root) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot write checkpoint" in errors[0] and "No space left on device" in errors[0], err[-2000:]
+    assert not [p.name for p in root.rglob("*") if p.suffix == ".ckpt" or p.name.endswith(".lightning-cit-tmp")]
+    assert final_scores(root)["complete"] is False

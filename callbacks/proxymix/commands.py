@@ -261,12 +261,18 @@ def _read_scores(arg: str) -> list[dict]:
     return out
 
 
-def mean_vulnerability(arg: str) -> tuple[dict[str, float], int]:
+def read_sequence(arg: str) -> tuple[list[str], list[dict]]:
+    """The task sequence and the scores of every run under ``arg`` (all runs must share the sequence)."""
     runs = _read_scores(arg)
     tasks = runs[0]["tasks"]
     for scores in runs[1:]:
         if scores["tasks"] != tasks:
             raise ConfigError(f"{arg!r}: the scores files have different task sequences ({tasks} vs {scores['tasks']})")
+    return list(tasks), runs
+
+
+def mean_vulnerability(arg: str) -> tuple[dict[str, float], int]:
+    _, runs = read_sequence(arg)
     return mean_vulnerability_of(runs), len(runs)
 
 
@@ -308,10 +314,13 @@ def mirror(argv: list[str]) -> int:
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% interval")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    proxy, n_proxy = mean_vulnerability(args.proxy)
-    target, n_target = mean_vulnerability(args.target)
-    if list(proxy) != list(target):
-        raise ConfigError(f"proxy and target trained different sequences: {list(proxy)} vs {list(target)}")
+    proxy_tasks, proxy_runs = read_sequence(args.proxy)
+    target_tasks, target_runs = read_sequence(args.target)
+    # the whole sequence, the last task included: φ has no entry for the last task, yet it is what forgetting is measured after
+    if proxy_tasks != target_tasks:
+        raise ConfigError(f"proxy and target trained different task sequences: {proxy_tasks} vs {target_tasks}")
+    proxy, n_proxy = mean_vulnerability_of(proxy_runs), len(proxy_runs)
+    target, n_target = mean_vulnerability_of(target_runs), len(target_runs)
     tasks = list(proxy)
     x, y = [proxy[t] for t in tasks], [target[t] for t in tasks]
     rho = spearman(x, y)
