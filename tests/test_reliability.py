@@ -16,7 +16,9 @@ Signals and disks (quickstart in the default suite, every config in the full tie
 
 - SIGTERM (what a scheduler sends before a kill) mid-task and during the task-end evaluation: the process
   exits 143 with one ``error:`` line, leaves a ``last.ckpt`` at the step it stopped (mid-task) or at the task
-  end, and ``--ckpt_path last`` ends bit-identical;
+  end, and ``--ckpt_path last`` ends bit-identical; on 2 DDP ranks, SIGTERM to every rank at once (SLURM's ``srun``)
+  exits 143 without hanging, with ``last.ckpt`` at the step the ranks agreed on (the full tier also resumes it, and
+  SIGTERM to rank 0 only, bit-identically);
 - SIGKILL half-way through writing ``last.ckpt`` with ``default_root_dir`` on a tmpfs and ``$TMPDIR`` on
   another filesystem: the previous ``last.ckpt`` is whole, nothing was written to ``$TMPDIR``, the resumed run
   removes the dead temporary and ends bit-identical; a full disk is a clean error that leaves no partial file.
@@ -357,29 +359,75 @@ def test_sigterm_matrix(name, tmp_path, reference):
     sigterm_and_resume(name, tmp_path, reference)
 
 
+SIGNAL_POLL = 10  # SignalCheckpoint's default check_every_n_steps: under DDP the ranks agree on a stop at steps 10, 20, ...
+DDP_TIMEOUT = 240  # seconds; a hang (mismatched collectives) is reported as a failure, not waited out
+
+
+def ddp_run(config: Path, root: Path, **env: str) -> subprocess.CompletedProcess:
+    """``fit --ckpt_path last`` on 2 CPU ranks (gloo) in its own process group, killed whole if it outlives DDP_TIMEOUT."""
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(root),
+           "--trainer.devices", "2", "--trainer.strategy", "ddp", "--ckpt_path", "last"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=DDP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the rank it started
+        out, err = proc.communicate()
+        pytest.fail(f"the DDP run did not exit within {DDP_TIMEOUT} s ({env}): a hang\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def ddp_term(config: Path, root: Path, step: int, rank0_only: bool = False) -> int:
+    """A DDP run in which every rank (or rank 0 only) sends itself SIGTERM after step ``step``; returns last.ckpt's step."""
+    env = {helpers_kill.KILL_ENV: f"step:{step}", "CIT_KILL_HOW": "term"}
+    if rank0_only:
+        env["CIT_KILL_RANK0_ONLY"] = "1"
+    proc = ddp_run(config, root, **env)
+    assert proc.returncode == 143, f"expected exit 143 after SIGTERM at step {step}, got rc={proc.returncode}:\n{proc.stderr[-3000:]}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--ckpt_path last" in errors[0], proc.stderr[-2000:]
+    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+def test_sigterm_to_every_ddp_rank_exits_143_without_hanging(tmp_path):
+    """SIGTERM to both ranks at once (SLURM's srun): no hang, exit 143, last.ckpt at the first agreed stop step.
+
+    Signalled after step 7 (mid task 2), the ranks agree at step 10 (SignalCheckpoint's poll) and save there together.
+    """
+    config = shrunk_config("quickstart", tmp_path, tasks=DDP_TASKS)
+    assert ddp_term(config, tmp_path / "run", 7) == SIGNAL_POLL
+
+
+@pytest.mark.reliability_full
+@pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1")
+def test_sigterm_to_every_ddp_rank_resumes_bit_identical(tmp_path):
+    """SIGTERM to both ranks, twice: before a poll that falls on a task's last step, then mid-task; resume matches.
+
+    After step 2 (the next poll is the start of task 2, before step 10): the ranks agree there, after task 1's
+    checkpoint (step 6). Resumed, signalled after step 7: they stop and save at step 10. The final resume ends with
+    the uninterrupted DDP run's scores.json, bit for bit.
+    """
+    config = shrunk_config("quickstart", tmp_path, tasks=DDP_TASKS)
+    assert ddp_run(config, tmp_path / "reference").returncode == 0
+    root = tmp_path / "run"
+    assert ddp_term(config, root, 2) == STEPS  # the task-end checkpoint of task 1
+    assert ddp_term(config, root, 7) == SIGNAL_POLL
+    proc = ddp_run(config, root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_scores(final_scores(root), final_scores(tmp_path / "reference"))
+
+
 @pytest.mark.reliability_full
 @pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1")
 def test_sigterm_to_the_ddp_launcher_exits_143_and_resumes_bit_identical(tmp_path):
-    """SIGTERM to rank 0 (Lightning forwards it to the other ranks): exit 143, and the resume matches an unbroken DDP run.
-
-    (A SIGTERM delivered to every rank at once, as SLURM does, can hang inside Lightning 2.6's own signal handler, which
-    broadcasts from every rank's handler and is called twice on ranks > 0; see the README.)
-    """
+    """SIGTERM to rank 0 only (the other rank is not signalled): exit 143, and the resume matches an unbroken DDP run."""
     config = shrunk_config("quickstart", tmp_path, tasks=DDP_TASKS)
-    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
-
-    def run(root: Path, **env: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(root), *ddp,
-               "--ckpt_path", "last"]
-        return subprocess.run(cmd, check=False, env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
-
-    assert run(tmp_path / "reference").returncode == 0
+    assert ddp_run(config, tmp_path / "reference").returncode == 0
     stop = CHECKPOINT_EVERY + 1  # one step after the periodic checkpoint of task 1
-    proc = run(tmp_path / "run", **{helpers_kill.KILL_ENV: f"step:{stop}", "CIT_KILL_HOW": "term", "CIT_KILL_RANK0_ONLY": "1"})
-    assert proc.returncode == 143, proc.stderr[-3000:]
-    assert len([line for line in proc.stderr.splitlines() if line.startswith("error: ")]) == 1
-    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == CHECKPOINT_EVERY
-    assert run(tmp_path / "run").returncode == 0
+    # the next poll is the start of task 2 (before step 10): the ranks stop there; task 1's end checkpoint (step 6) stays
+    assert ddp_term(config, tmp_path / "run", stop, rank0_only=True) == STEPS
+    proc = ddp_run(config, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_scores(final_scores(tmp_path / "run"), final_scores(tmp_path / "reference"))
 
 
