@@ -18,6 +18,7 @@ kill at the requested point from a crash anywhere else. Points:
 
 With ``CIT_KILL_HOW=raise`` the point raises a ``RuntimeError`` instead (failure injection in-process); with
 ``CIT_KILL_HOW=term`` the process sends itself SIGTERM and carries on (what a scheduler's pre-emption does).
+Under DDP every rank reaches the point; ``CIT_KILL_RANK0_ONLY=1`` or ``CIT_KILL_RANK=<local rank>`` limits it to one rank.
 
 ``Killable<Name>`` is ``lightning_cit.callbacks.<Name>`` with a kill check in front of the method that
 does that work (a subclass built on first access; the library is not patched). A callback this table
@@ -59,7 +60,9 @@ def maybe_kill(point: str, value: int | None = None) -> None:
     if value != int(wanted):
         return
     if os.environ.get("CIT_KILL_RANK0_ONLY") == "1" and os.environ.get("LOCAL_RANK", "0") != "0":
-        return  # the signal reaches rank 0 only (Lightning's launcher forwards it to the other ranks)
+        return  # the signal reaches rank 0 only
+    if os.environ.get("CIT_KILL_RANK") not in (None, os.environ.get("LOCAL_RANK", "0")):
+        return  # the signal reaches that rank only
     how = os.environ.get("CIT_KILL_HOW")
     if how == "raise":  # failure injection: an exception instead of a kill
         raise RuntimeError(f"injected failure at {spec}")

@@ -18,7 +18,7 @@ Signals and disks (quickstart in the default suite, every config in the full tie
   exits 143 with one ``error:`` line, leaves a ``last.ckpt`` at the step it stopped (mid-task) or at the task
   end, and ``--ckpt_path last`` ends bit-identical; on 2 DDP ranks, SIGTERM to every rank at once (SLURM's ``srun``)
   exits 143 without hanging, with ``last.ckpt`` at the step the ranks agreed on (the full tier also resumes it, and
-  SIGTERM to rank 0 only, bit-identically);
+  SIGTERM to either rank alone, bit-identically);
 - SIGKILL half-way through writing ``last.ckpt`` with ``default_root_dir`` on a tmpfs and ``$TMPDIR`` on
   another filesystem: the previous ``last.ckpt`` is whole, nothing was written to ``$TMPDIR``, the resumed run
   removes the dead temporary and ends bit-identical; a full disk is a clean error that leaves no partial file.
@@ -377,11 +377,11 @@ def ddp_run(config: Path, root: Path, **env: str) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def ddp_term(config: Path, root: Path, step: int, rank0_only: bool = False) -> int:
-    """A DDP run in which every rank (or rank 0 only) sends itself SIGTERM after step ``step``; returns last.ckpt's step."""
+def ddp_term(config: Path, root: Path, step: int, rank: int | None = None) -> int:
+    """A DDP run in which every rank (or only ``rank``) sends itself SIGTERM after step ``step``; returns last.ckpt's step."""
     env = {helpers_kill.KILL_ENV: f"step:{step}", "CIT_KILL_HOW": "term"}
-    if rank0_only:
-        env["CIT_KILL_RANK0_ONLY"] = "1"
+    if rank is not None:
+        env["CIT_KILL_RANK"] = str(rank)
     proc = ddp_run(config, root, **env)
     assert proc.returncode == 143, f"expected exit 143 after SIGTERM at step {step}, got rc={proc.returncode}:\n{proc.stderr[-3000:]}"
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -419,13 +419,14 @@ def test_sigterm_to_every_ddp_rank_resumes_bit_identical(tmp_path):
 
 @pytest.mark.reliability_full
 @pytest.mark.skipif(not FULL, reason="full tier: CIT_RELIABILITY_FULL=1")
-def test_sigterm_to_the_ddp_launcher_exits_143_and_resumes_bit_identical(tmp_path):
-    """SIGTERM to rank 0 only (the other rank is not signalled): exit 143, and the resume matches an unbroken DDP run."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sigterm_to_the_ddp_launcher_exits_143_and_resumes_bit_identical(rank, tmp_path):
+    """SIGTERM to one rank only (0: the launcher; 1: a rank it started): exit 143, the resume matches an unbroken DDP run."""
     config = shrunk_config("quickstart", tmp_path, tasks=DDP_TASKS)
     assert ddp_run(config, tmp_path / "reference").returncode == 0
     stop = CHECKPOINT_EVERY + 1  # one step after the periodic checkpoint of task 1
     # the next poll is the start of task 2 (before step 10): the ranks stop there; task 1's end checkpoint (step 6) stays
-    assert ddp_term(config, tmp_path / "run", stop, rank0_only=True) == STEPS
+    assert ddp_term(config, tmp_path / "run", stop, rank=rank) == STEPS
     proc = ddp_run(config, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_scores(final_scores(tmp_path / "run"), final_scores(tmp_path / "reference"))
