@@ -75,7 +75,7 @@ def smoke(out: str, device: str, model_json: str) -> None:
     import torch
     from bitsandbytes import cextension
     from gpu_check_callbacks import CUDA, gib, sync
-    from lightning_cit.callbacks.ema import DynamicEMA
+    from lightning_cit.callbacks.lcia.ema import DynamicEMA
 
     from lightning_cit.loss import per_sample_loss, per_sample_loss_from_hidden
     from lightning_cit.module import ContinualLM
