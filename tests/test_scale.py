@@ -130,3 +130,102 @@ def test_fit_with_an_evaluation_interval_writes_nulls_for_unscored_cells(tmp_pat
     assert all(v is not None for v in m[4])
     assert scores["complete"] and scores["summary_coverage"]["fwt"] == [1, 3]
     assert json.loads((next((tmp_path / "run").rglob("scores.json"))).read_text())["matrix"][1] == [None] * 4  # null in the file
+
+
+# ------------------------------------------------------------------------------------------ checkpoints a user can afford
+def test_disk_estimate_and_retention_helpers():
+    from lightning_cit.callbacks.checkpoint import checkpoint_disk_estimate, split_stale
+
+    full = checkpoint_disk_estimate(1000, 10, adapter_only=False, tasks=5, save_top_k=-1, mid_task_saves=15, keep_mid_task=None, save_last=True)
+    lora = checkpoint_disk_estimate(1000, 10, adapter_only=True, tasks=5, save_top_k=-1, mid_task_saves=15, keep_mid_task=2, save_last=True)
+    assert (full.per_file, full.files) == (1020, 21) and (lora.per_file, lora.files) == (30, 8) and lora.total == 240
+    assert split_stale(["a", "b", "c"], 2) == (["a"], ["b", "c"]) and split_stale(["a"], 2) == ([], ["a"])
+
+
+def test_lora_checkpoints_are_adapter_only_pruned_and_resume_exactly(tmp_path, capsys):
+    """LoRA on the tiny base through the CLI: adapter-only files (auto), last 1 mid-task file kept, exact resume, other base refused."""
+    import json
+
+    import yaml
+    from test_e2e import run, small_config
+
+    from lightning_cit.cli import main
+    from lightning_cit.errors import ConfigError
+
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    config["trainer"]["callbacks"][2]["init_args"].update({"every_n_train_steps": 4, "keep_mid_task": 1})
+    config["data"]["steps_per_task"] = 6
+    config["data"]["tasks"] = config["data"]["tasks"][1:]
+    config["model"]["lora"] = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(config))
+    full = run(path, tmp_path / "full")
+    assert "checkpoints: about" in capsys.readouterr().out  # the disk a run takes, printed at start
+    names = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("*.ckpt"))
+    assert names == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"], names  # step 4 pruned
+    ckpt = torch.load(tmp_path / "full" / "checkpoints" / "epoch=1-step=8.ckpt", weights_only=True)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"]) and ckpt["adapter_only"]["dropped"] > 0
+    assert len(ckpt["base_fingerprint"]) == 3
+    resumed = run(path, tmp_path / "resumed", "--ckpt_path", str(tmp_path / "full" / "checkpoints" / "epoch=1-step=8.ckpt"))
+    assert resumed["matrix"] == full["matrix"] and resumed["loss_matrix"] == full["loss_matrix"]
+    # another base under the same adapters is refused, not silently combined
+    other = main(["fit", "--config", str(path), "--seed_everything", "1", "--trainer.default_root_dir", str(tmp_path / "other"),
+                  "--ckpt_path", str(tmp_path / "full" / "checkpoints" / "epoch=1-step=8.ckpt")])
+    assert other != 0
+    assert "trained on another base" in capsys.readouterr().err
+    assert json.loads(json.dumps(full))["complete"]
+
+
+# ------------------------------------------------------------------------------------------ tasks as memory-mapped data
+def _write_jsonl(path, n, bad_types=False):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"say {i}", "response": f"{i}" if not bad_types or i else 7}) + "\n")
+            if i == 3:
+                f.write("\n")  # a blank line: skipped by both readers
+
+
+def test_jsonl_tasks_stay_in_memory_mapped_arrow_and_equal_the_python_reader(tmp_path, monkeypatch):
+    import pickle
+
+    from lightning_cit import tasks as tasks_module
+    from lightning_cit.tasks import ArrowSamples, TaskSpec, load_task
+
+    _write_jsonl(tmp_path / "t.jsonl", 200)
+    spec = TaskSpec(name="t", source=str(tmp_path / "t.jsonl"), train_size=150, eval_size=8, probe_size=4)
+    task = load_task(spec, seed=3)
+    assert isinstance(task.train, ArrowSamples) and len(task.train) == 150
+    assert task.train.dataset.cache_files  # backed by an Arrow file on disk ...
+    assert type(task.train.dataset.data).__name__ == "MemoryMappedTable"  # ... mapped, not read into Python
+    assert task.train.indices.dtype.name == "int64" and task.train.indices.nbytes == 150 * 8
+    monkeypatch.setattr(tasks_module, "_open_arrow", lambda *a, **k: (None, ""))  # force the Python reader
+    reference = load_task(spec, seed=3)
+    assert list(task.train) == reference.train and task.eval == reference.eval and task.probe == reference.probe
+    again = pickle.loads(pickle.dumps(task.train))  # DataLoader workers: the files, not the rows
+    assert again[5] == task.train[5] and len(pickle.dumps(task.train)) < 20_000
+
+
+def test_arrow_types_that_would_change_values_fall_back_to_the_python_reader(tmp_path):
+    """A JSONL column Arrow would unify (an int among strings) is read by the Python reader, value for value."""
+    from lightning_cit.tasks import ArrowSamples, TaskSpec, load_task
+
+    _write_jsonl(tmp_path / "mixed.jsonl", 40, bad_types=True)
+    task = load_task(TaskSpec(name="m", source=str(tmp_path / "mixed.jsonl"), train_size=None, eval_size=4, probe_size=2))
+    assert not isinstance(task.train, ArrowSamples) and len(task.train) == 34
+    assert "7" in [s["response"] for s in task.train + task.eval + task.probe]
+
+
+def arrow_source(split: str, n: int, seed: int):
+    import datasets
+
+    return datasets.Dataset.from_dict({"prompt": [f"q{i}" for i in range(n)], "response": [f"a{i}" for i in range(n)]})
+
+
+def test_a_callable_may_return_a_datasets_dataset(tmp_path):
+    from lightning_cit.tasks import ArrowSamples, TaskSpec, load_task
+
+    task = load_task(TaskSpec(name="c", source="callable:test_scale:arrow_source", train_size=20, eval_size=4, probe_size=2))
+    assert isinstance(task.train, ArrowSamples) and len(task.train) == 20
+    assert task.train[0]["messages"][0]["content"].startswith("q") and task.train[0]["response"].startswith("a")
