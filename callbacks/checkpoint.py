@@ -23,13 +23,14 @@ task-end work resumes from the previous step checkpoint and replays the end of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DiskEstimate:
@@ -157,7 +158,7 @@ def _signature_with_keep_mid_task() -> Any:
 
     base = inspect.signature(ModelCheckpoint.__init__)
     params = list(base.parameters.values())
-    params.append(inspect.Parameter("keep_mid_task", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Optional[int]))
+    params.append(inspect.Parameter("keep_mid_task", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=int | None))
     return base.replace(parameters=params)
 
 

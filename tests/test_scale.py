@@ -86,6 +86,7 @@ def test_row_plan_scores_what_the_metrics_need():
 
 def test_bad_evaluator_options_are_refused():
     from lightning_cit.callbacks.evaluation.evaluator import ForgettingEvaluator
+
     from lightning_cit.errors import ConfigError
 
     for kwargs in ({"score": "some"}, {"every_n_tasks": 0}, {"between": "none"}, {"base_row": "off"}):
@@ -150,7 +151,6 @@ def test_lora_checkpoints_are_adapter_only_pruned_and_resume_exactly(tmp_path, c
     from test_e2e import run, small_config
 
     from lightning_cit.cli import main
-    from lightning_cit.errors import ConfigError
 
     config = yaml.safe_load(small_config(tmp_path).read_text())
     config["trainer"]["callbacks"][2]["init_args"].update({"every_n_train_steps": 4, "keep_mid_task": 1})
