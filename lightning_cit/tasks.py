@@ -195,8 +195,13 @@ class ArrowSamples(Sequence):
         return _normalize(self.spec, _arrow_record(self.dataset[row]), self.where.format(row=row))  # validated at load
 
     def __iter__(self) -> Any:
-        for i in range(len(self)):
-            yield self[i]
+        # a batch of rows per Arrow read: a scan over every sample (e.g. instruction grouping) is not a row lookup each
+        for start in range(0, len(self), 1024):
+            rows = [int(r) for r in self.indices[start : start + 1024]]
+            batch = self.dataset[rows]
+            for offset, row in enumerate(rows):
+                record = _arrow_record({k: v[offset] for k, v in batch.items()})
+                yield _normalize(self.spec, record, self.where.format(row=row))
 
     def __add__(self, other: Any) -> list:
         return list(self) + list(other)
