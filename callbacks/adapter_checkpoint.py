@@ -11,6 +11,12 @@ loading, the module builds its base again from the same source (a checkpoint dir
 read from the checkpoint; ``strict_loading`` is turned off for the missing base keys, and the
 callback checks on resume that every trainable tensor was in the checkpoint.
 
+The rebuilt base must be the base the adapters were trained on: each checkpoint stores a fingerprint of
+the frozen tensors it leaves out (a strided sample of each, summed in float64 on the CPU: cheap at 8B),
+and loading refuses a checkpoint whose fingerprint differs from the rebuilt base's (a different random
+init, another checkpoint directory). Under FSDP the tensors are sharded and the check is skipped.
+``lightning-cit fit`` adds this callback whenever ``model.lora`` is set (the base is frozen).
+
 Everything stored is a tensor or a plain type, so checkpoints load with ``weights_only=True``. Under
 FSDP (full state dict) only rank 0 holds the state dict; the other ranks' empty dicts pass through.
 
@@ -40,10 +46,49 @@ def trainable_state_keys(module: pl.LightningModule) -> set[str]:
     return names
 
 
+def adapter_state_keys(module: pl.LightningModule) -> set[str]:
+    """What an adapter-only checkpoint keeps: the trainable tensors plus every peft adapter's weights.
+
+    peft freezes the adapters that are not active (instruction grouping keeps one per group), so
+    ``requires_grad`` alone would drop them; their names carry the adapter's name after ``lora_*.`` or
+    ``modules_to_save.``.
+    """
+    keep = trainable_state_keys(module)
+    adapters: set[str] = set()
+    for sub in module.modules():
+        adapters.update(getattr(sub, "peft_config", {}) or {})
+    if adapters:
+        markers = tuple(f"{kind}.{name}." for name in adapters for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                                                                            "lora_magnitude_vector", "modules_to_save"))
+        keep |= {_clean(n) for n, _ in module.named_parameters() if any(m in _clean(n) for m in markers)}
+    return keep
+
+
 def _clean(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
+
+
+def base_fingerprint(state: dict[str, Any], trainable: set[str], samples_per_tensor: int = 1024) -> list[int]:
+    """Byte sums of a strided sample of every frozen tensor, in key order (see module docstring).
+
+    Bytes, not values: packed 4-bit storage read as floats holds NaNs, and NaN never equals itself.
+    """
+    import torch
+
+    total, weighted, count = 0, 0, 0
+    for key in sorted(state):
+        value = state[key]
+        if key in trainable or not isinstance(value, torch.Tensor) or value.numel() == 0:
+            continue
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples_per_tensor)].contiguous().cpu()
+        raw = sample.view(torch.uint8).to(torch.int64) if sample.dtype != torch.bool else sample.to(torch.int64)
+        total += int(raw.sum())
+        weighted += int((raw * torch.arange(1, raw.numel() + 1)).sum())
+        count += 1
+    return [count, total, weighted]
 
 
 def _keyed_by_name(model: Any, optimizer_state: dict[str, Any]) -> dict[str, Any]:
@@ -67,13 +112,16 @@ class AdapterOnlyCheckpoint(Callback):
         state = checkpoint.get("state_dict") or {}
         if not state:  # non-zero FSDP ranks under a full state dict
             return
-        keep = trainable_state_keys(pl_module)
+        keep = adapter_state_keys(pl_module)
         missing = sorted(keep - set(state))
         if missing:
             raise RuntimeError(f"AdapterOnlyCheckpoint: trainable tensors missing from the state dict: {missing[:5]}")
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(trainer.strategy, FSDPStrategy):
+            checkpoint["base_fingerprint"] = base_fingerprint(state, keep)
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
         checkpoint["adapter_only"] = {"kept": len(keep), "dropped": len(state) - len(keep)}
-        from lightning.pytorch.strategies import FSDPStrategy
 
         if isinstance(trainer.strategy, FSDPStrategy):
             checkpoint["optimizer_states"] = [_keyed_by_name(trainer.strategy.model, s) for s in checkpoint.get("optimizer_states", [])]
@@ -82,12 +130,24 @@ class AdapterOnlyCheckpoint(Callback):
         state = checkpoint.get("state_dict") or {}
         if not state:
             return
-        missing = sorted(trainable_state_keys(pl_module) - set(state))
+        missing = sorted(adapter_state_keys(pl_module) - set(state))
         if missing:
             raise RuntimeError(
                 f"the checkpoint lacks {len(missing)} trainable tensor(s) of this model (e.g. {missing[0]}): it was written "
                 "for different adapters"
             )
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        stored = checkpoint.get("base_fingerprint")
+        if stored is not None and not isinstance(trainer.strategy, FSDPStrategy):
+            now = base_fingerprint(pl_module.state_dict(), adapter_state_keys(pl_module))
+            if now != list(stored):
+                from lightning_cit.errors import ConfigError
+
+                raise ConfigError(
+                    "this adapter-only checkpoint was trained on another base: the frozen tensors rebuilt now differ from the ones "
+                    f"it was saved with (fingerprint {now} vs {list(stored)}); resume with the same model source and seed"
+                )
 
 
-__all__ = ["AdapterOnlyCheckpoint", "trainable_state_keys"]
+__all__ = ["AdapterOnlyCheckpoint", "adapter_state_keys", "base_fingerprint", "trainable_state_keys"]

@@ -154,6 +154,14 @@ class CITCLI(LightningCLI):
         if self.subcommand == "fit" and config.get("limit_val_batches") is None:
             # during fit the ForgettingEvaluator scores every task; the validate loop is for `lightning-cit validate`
             config["limit_val_batches"] = 0
+        if getattr(self.model, "lora", None):
+            # the base is frozen: checkpoints keep the adapters only (the base is rebuilt on resume, fingerprint-checked)
+            from lightning_cit.callbacks.adapter_checkpoint import AdapterOnlyCheckpoint
+
+            given = config.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            if not any(isinstance(c, AdapterOnlyCheckpoint) for c in [*given, *callbacks]):
+                config["callbacks"] = [*given, AdapterOnlyCheckpoint()]
         trainer = super()._instantiate_trainer(config, callbacks)
         _check_batch_division(trainer, self.datamodule)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own checkpoint IO is left alone

@@ -135,3 +135,23 @@ def left_padded_prompts(tokenizer: Any, prompts: list[list[dict]], pad_id: int, 
         input_ids[row, length - len(x) :] = torch.tensor(x)
         attention_mask[row, length - len(x) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def encode_options(tokenizer: Any, messages: list[dict], options: list[str], max_length: int) -> tuple[list[int], list[list[int]], bool]:
+    """One sample's prompt ids and each option's ids, for scoring all options against one shared prompt.
+
+    The ids are what :func:`encode` gives (its prompt ids never depend on the response), so one-pass
+    scores equal per-option scores. When the prompt plus the longest option exceeds ``max_length``, the prompt is cut
+    once (from the left, by :class:`Collator`'s rule applied to the longest option) and every option is
+    scored against that same cut prompt, options cut to fit; the third value says so.
+    """
+    encoded = [encode(tokenizer, messages, str(option)) for option in options]
+    prompt_ids = encoded[0][0]
+    answers = [r for _, r in encoded]
+    longest = max(len(r) for r in answers)
+    if len(prompt_ids) + longest <= max_length:
+        return prompt_ids, answers, False
+    keep_prompt = min(len(prompt_ids), max(1, max_length // 2), max_length - 1)
+    keep_prompt = max(keep_prompt, max_length - longest)
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :] if keep_prompt else []
+    return prompt_ids, [r[: max_length - len(prompt_ids)] for r in answers], True

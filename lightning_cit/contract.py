@@ -563,6 +563,78 @@ class ContinualModule:
     @inference
     def choose_options(self, samples: list[dict]) -> list[int]:
         """Index of the option with the highest total log-likelihood as the answer to each prompt."""
+        return [max(range(len(scores)), key=scores.__getitem__) for scores in self.option_log_likelihoods(samples)]
+
+    @inference
+    def option_log_likelihoods(self, samples: list[dict]) -> list[list[float]]:
+        """Total log-likelihood of each option of each sample, the shared prompt read once per sample.
+
+        Why one pass: re-reading a prompt once per option made multiple choice cost options x a loss pass.
+        The prompts of a chunk are run once (left-padded, explicit positions) and their KV cache is
+        repeated per option; the options (right-padded) are then run against it in one batch. The first
+        option token is scored from the prompt's last logits. Scores equal :meth:`_option_log_likelihoods_per_option`
+        (the per-option reference) up to float rounding; a prompt too long for ``max_eval_length`` is cut
+        once for the sample's longest option, and all its options are scored against that cut
+        (:func:`~lightning_cit.collate.encode_options`; counted in ``collate.EVAL_TRUNCATED``). Chunks hold
+        ``eval_batch_size`` samples whatever their option counts, so every rank runs the same number of
+        forwards for equal shards (FSDP FULL_SHARD); the option forward has at most ``eval_batch_size`` x options rows.
+        """
+        from lightning_cit.collate import encode_options
+
+        if not samples:
+            return []
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        per_chunk = max(1, int(self.eval_batch_size))
+        limit = self.eval_max_length()
+        out: list[list[float]] = []
+        for start in range(0, len(samples), per_chunk):
+            chunk = samples[start : start + per_chunk]
+            encoded = [encode_options(tokenizer, s["messages"], [str(o) for o in s["options"]], limit) for s in chunk]
+            count_eval_truncation("choose_options", sum(1 for _, _, cut in encoded if cut), limit)
+            out.extend(self._score_shared_prompts([(p, opts) for p, opts, _ in encoded], pad_id))
+        return out
+
+    def _score_shared_prompts(self, encoded: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+        device = self.device
+        prompt_len = max(1, max(len(p) for p, _ in encoded))
+        prompt_ids = torch.full((len(encoded), prompt_len), pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(encoded), prompt_len), dtype=torch.long)
+        for row, (p, _) in enumerate(encoded):
+            if p:
+                prompt_ids[row, prompt_len - len(p) :] = torch.tensor(p)
+                prompt_mask[row, prompt_len - len(p) :] = 1
+        rows = torch.tensor([row for row, (_, opts) in enumerate(encoded) for _ in opts], dtype=torch.long)
+        options = [o for _, opts in encoded for o in opts]
+        option_len = max(1, max(len(o) for o in options))
+        option_ids = torch.full((len(options), option_len), pad_id, dtype=torch.long)
+        option_mask = torch.zeros((len(options), option_len), dtype=torch.long)
+        for row, o in enumerate(options):
+            if o:
+                option_ids[row, : len(o)] = torch.tensor(o)
+                option_mask[row, : len(o)] = 1
+        prompt_ids, prompt_mask, option_ids, option_mask, rows = (t.to(device) for t in (prompt_ids, prompt_mask, option_ids, option_mask, rows))
+        # positions from the mask (left padding), as generate() does; the options continue from each prompt's length
+        prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        first = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
+        cache = first.past_key_values if getattr(first, "cache", None) is None else first.cache
+        cache.batch_select_indices(rows)  # one copy of each prompt's keys/values per option, no recompute
+        option_pos = prompt_mask.sum(-1)[rows].unsqueeze(1) + torch.arange(option_len, device=device).unsqueeze(0)
+        second = self.model(input_ids=option_ids, attention_mask=torch.cat([prompt_mask[rows], option_mask], dim=1),
+                            position_ids=option_pos, use_cache=True, **{_cache_argument(self.model): cache})
+        # token t of an option is predicted by the prompt's last position (t = 0) or by option position t - 1
+        logits = torch.cat([first.logits[:, -1][rows].unsqueeze(1), second.logits[:, :-1]], dim=1).float()
+        token = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), option_ids.reshape(-1), reduction="none")
+        totals = (-(token.view(option_ids.shape) * option_mask)).sum(dim=1).tolist()
+        scores: list[list[float]] = []
+        for _, opts in encoded:
+            scores.append(totals[: len(opts)])
+            totals = totals[len(opts) :]
+        return scores
+
+    @inference
+    def _option_log_likelihoods_per_option(self, samples: list[dict]) -> list[list[float]]:
+        """The reference: every option scored with its own copy of the prompt (options x the prompt's cost)."""
         from lightning_cit.loss import per_sample_loss
 
         expanded = [
@@ -580,7 +652,7 @@ class ContinualModule:
             for sample, loss, count in zip(chunk, losses.tolist(), counts.tolist()):
                 scores[sample["index"]] = -loss * count
         count_eval_truncation("choose_options", sum(collate.truncated.values()), collate.max_length)
-        return [max(range(len(s["options"])), key=lambda j: scores[(i, j)]) for i, s in enumerate(samples)]
+        return [[scores[(i, j)] for j in range(len(s["options"]))] for i, s in enumerate(samples)]
 
     def evaluate_samples(self, samples: list[dict], metric: str, max_new_tokens: int, synced_gpus: bool = False) -> dict[str, list]:
         """Per-sample ``scores`` (0..100), teacher-forced ``losses`` and ``predictions`` for one task.
@@ -613,6 +685,14 @@ class ContinualModule:
             scorer = TEXT_METRICS[metric]
             scores = [scorer(p, s["response"]) for p, s in zip(predictions, samples)]
         return {"scores": scores, "losses": losses, "predictions": predictions}
+
+
+def _cache_argument(model: Any) -> str:
+    """The forward's name for a KV cache: ``cache`` from transformers 5.2x on, ``past_key_values`` before (removed in 5.40)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 MODULE_INFERENCE = ("sample_losses", "probe_loss", "generate_answers", "choose_options", "evaluate_samples")

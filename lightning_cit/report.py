@@ -111,10 +111,13 @@ def _check(scores: Any, where: str) -> None:
 
 def probe_deltas(scores: dict[str, Any]) -> dict[str, list[float]]:
     """TRACE's deltas at every row: each evaluation-only probe's score minus its base-row score (and the safety score's)."""
-    deltas = {name: [v - entry["scores"][0] for v in entry["scores"]] for name, entry in (scores.get("eval_only") or {}).items()}
+    def minus(values: list[Any]) -> list[Any]:  # unscored rows (None: loss-only or skipped rows) stay None
+        base = values[0]
+        return [None if v is None or base is None else v - base for v in values]
+
+    deltas = {name: minus(entry["scores"]) for name, entry in (scores.get("eval_only") or {}).items()}
     if scores.get("safety"):
-        base = scores["safety"]["score"][0]
-        deltas["safety_score"] = [v - base for v in scores["safety"]["score"]]
+        deltas["safety_score"] = minus(scores["safety"]["score"])
     return deltas
 
 

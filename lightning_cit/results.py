@@ -69,7 +69,7 @@ def format_table(scores: dict[str, Any]) -> str:
     lines = ["score matrix (0-100; row = after training that task, column = evaluated task)", header, "-" * len(header)]
     for r, name in enumerate(scores["rows"]):
         values = list(scores["matrix"][r]) + [scores["eval_only"][e]["scores"][r] for e in extra]
-        lines.append(f"{name:<{width}} | " + " ".join(f"{v:>{width}.1f}" for v in values))
+        lines.append(f"{name:<{width}} | " + " ".join(f"{'-':>{width}}" if v is None else f"{v:>{width}.1f}" for v in values))
     summary = scores.get("summary") or {}
     if summary:
         lines.append("")
@@ -95,11 +95,13 @@ def write_heatmap(path: str | os.PathLike, scores: dict[str, Any]) -> None:
 
     matrix = scores["matrix"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(scores["tasks"]), 1.0 + 0.6 * len(scores["rows"])))
-    image = ax.imshow(matrix, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    image = ax.imshow([[math.nan if v is None else v for v in row] for row in matrix], vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(scores["tasks"])), scores["tasks"], rotation=30, ha="right")
     ax.set_yticks(range(len(scores["rows"])), [f"after {r}" if r != "base" else "base" for r in scores["rows"]])
     for r, row in enumerate(matrix):
         for c, value in enumerate(row):
+            if value is None:  # not scored (ForgettingEvaluator score/every_n_tasks options): left blank
+                continue
             ax.text(c, r, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black", fontsize=8)
     ax.set_title("score after each task")
     fig.colorbar(image, ax=ax, fraction=0.04)

@@ -9,6 +9,18 @@ A task is a name, a source, a metric and sizes. Sources:
 - ``callable:<module>:<function>``: a Python function called as ``fn(split=..., n=..., seed=...)``
   returning a list of dicts (or a ``datasets.Dataset``).
 
+Large tasks (why: reading every record into Python objects cost ~20x the file size and a garbage-
+collector walk per record, before step 1 and again at exit): ``.jsonl`` / ``.csv`` / ``.parquet`` files,
+``datasets`` directories and ``callable:`` sources that return a ``datasets.Dataset`` stay in Arrow,
+memory-mapped (files are converted once into ``$LIGHTNING_CIT_CACHE/datasets``, keyed by the file's
+content fingerprint that ``datasets`` computes). The training split is an :class:`ArrowSamples`: row
+indices into the table, each sample normalized when it is read. Every record is still validated before
+training: the schema and null counts of prompt/response columns are checked vectorized; other layouts
+(chat ``messages``, multiple choice) are normalized row by row in batches without being kept. A record
+that fails names the task, the file and line (JSONL: the line number; CSV: the row's line) and the
+field. When ``datasets`` cannot read a file (malformed JSON, mixed types) the Python reader takes over
+and names the line. ``.json`` files and synthetic/callable lists stay Python lists (small by nature).
+
 Every sample becomes ``{"messages": [...], "response": str}`` plus optional ``options`` /
 ``answer_index`` (multiple choice) and ``harmful`` (safety): ``messages`` are the prompt turns,
 ``response`` is the answer the loss is computed on. Records are read either as ``prompt``/
@@ -25,7 +37,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,13 +159,12 @@ def load_task(spec: TaskSpec, seed: int = 0) -> TaskData:
         train, evals, probes = ([_normalize(spec, r, f"{spec.source}[{i}]") for i, r in enumerate(rs)]
                                 for rs in (train, records_eval, records_probe))
     else:
-        records = _read_source(spec, spec.source, seed, "train")
-        if not records:
+        samples = _open_samples(spec, spec.source, seed, "train")
+        if not len(samples):
             raise TaskDataError(f"task {spec.name!r}: source {spec.source!r} holds no samples (empty task)")
-        samples = [_normalize(spec, r, where) for where, r in records]
-        random.Random(f"{spec.name}/{seed}").shuffle(samples)
+        samples = _shuffled(samples, random.Random(f"{spec.name}/{seed}"))
         if spec.eval_split:
-            held = [_normalize(spec, r, where) for where, r in _read_source(spec, spec.eval_split, seed, "eval")]
+            held = list(_open_samples(spec, spec.eval_split, seed, "eval"))
             if not held:
                 raise TaskDataError(f"task {spec.name!r}: eval_split {spec.eval_split!r} holds no samples")
             evals, probes = held[: spec.eval_size], held[spec.eval_size : n_held] or held[: spec.probe_size]
@@ -163,7 +174,7 @@ def load_task(spec: TaskSpec, seed: int = 0) -> TaskData:
                     f"task {spec.name!r}: {len(samples)} samples in {spec.source!r} cannot give eval_size + probe_size = "
                     f"{n_held} held-out samples and leave any for training; lower them or set eval_split"
                 )
-            evals, probes = samples[: spec.eval_size], samples[spec.eval_size : n_held]
+            evals, probes = list(samples[: spec.eval_size]), list(samples[spec.eval_size : n_held])
             samples = samples[n_held:]
         train = samples[: spec.train_size] if spec.train else []
     if spec.train and not train:
@@ -177,6 +188,213 @@ def load_task(spec: TaskSpec, seed: int = 0) -> TaskData:
                     f"task {spec.name!r}: metric 'mc_accuracy' needs fields 'options' and 'answer_index' in every eval sample"
                 )
     return TaskData(spec=spec, train=train, eval=evals, probe=probes or evals[: spec.probe_size], metric=metric)
+
+
+class ArrowSamples(Sequence):
+    """A task's samples as row indices into a memory-mapped ``datasets.Dataset``, normalized when read.
+
+    Memory is the index array (8 bytes a sample) whatever the records hold; slicing gives another view.
+    Every row was validated when the task was loaded (:func:`_validate_arrow`).
+    """
+
+    def __init__(self, spec: TaskSpec, dataset: Any, indices: Any, where: str) -> None:
+        import numpy as np
+
+        self.spec, self.dataset, self.where = spec, dataset, where
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            return ArrowSamples(self.spec, self.dataset, self.indices[item], self.where)
+        row = int(self.indices[item])
+        return _normalize(self.spec, _arrow_record(self.dataset[row]), self.where.format(row=row))  # validated at load
+
+    def __iter__(self) -> Any:
+        # a batch of rows per Arrow read: a scan over every sample (e.g. instruction grouping) is not a row lookup each
+        for start in range(0, len(self), 1024):
+            rows = [int(r) for r in self.indices[start : start + 1024]]
+            batch = self.dataset[rows]
+            for offset, row in enumerate(rows):
+                record = _arrow_record({k: v[offset] for k, v in batch.items()})
+                yield _normalize(self.spec, record, self.where.format(row=row))
+
+    def __add__(self, other: Any) -> list:
+        return list(self) + list(other)
+
+    def __radd__(self, other: Any) -> list:
+        return list(other) + list(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:  # DataLoader workers: the dataset pickles as its memory-mapped files
+        return (ArrowSamples, (self.spec, self.dataset, self.indices, self.where))
+
+
+def _arrow_record(record: dict) -> dict:
+    """An Arrow row as a file record: a null is a missing field (Arrow fills absent keys with null), in turns too."""
+    out = {k: v for k, v in record.items() if v is not None}
+    for key, value in out.items():
+        if isinstance(value, list) and value and all(isinstance(t, dict) for t in value):
+            out[key] = [{k: v for k, v in t.items() if v is not None} for t in value]
+    return out
+
+
+def _shuffled(samples: Any, rng: random.Random) -> Any:
+    """The same permutation ``rng.shuffle`` gives a list (results do not depend on the storage)."""
+    if isinstance(samples, list):
+        rng.shuffle(samples)
+        return samples
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    return ArrowSamples(samples.spec, samples.dataset, samples.indices[order], samples.where)
+
+
+ARROW_SUFFIXES = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _open_samples(spec: TaskSpec, source: str, seed: int, split: str) -> Any:
+    """The normalized samples of a source: an :class:`ArrowSamples` where the data can stay in Arrow, else a list."""
+    if source.startswith("callable:"):
+        result = _call_source(spec, source, seed, split)
+        if _is_arrow_dataset(result):
+            where = f"{source[len('callable:'):]}()[{{row}}]"
+            _validate_arrow(spec, result, where, source)
+            return ArrowSamples(spec, result, range(len(result)), where)
+        return [_normalize(spec, r, w) for w, r in _callable_records(spec, source, result)]
+    dataset, where = _open_arrow(spec, source, seed, split)
+    if dataset is None:
+        return [_normalize(spec, r, w) for w, r in _read_source(spec, source, seed, split)]
+    _validate_arrow(spec, dataset, where, source)
+    return ArrowSamples(spec, dataset, range(len(dataset)), where)
+
+
+def _open_arrow(spec: TaskSpec, source: str, seed: int, split: str) -> tuple[Any, str]:
+    """``(datasets.Dataset, location template)`` for Arrow-capable sources; ``(None, "")`` for the rest."""
+    if source.startswith("callable:"):
+        return None, ""  # _read_source calls it; a Dataset it returns comes back through _callable_dataset
+    path = Path(os.path.expanduser(source))
+    if not path.exists():
+        raise TaskDataError(f"task {spec.name!r}: source file {str(path)!r} does not exist")
+    if path.is_dir():
+        return _load_datasets_dir(spec, path), f"{path}[row {{row}}]"
+    builder = ARROW_SUFFIXES.get(path.suffix.lower())
+    if builder is None:
+        return None, ""
+    import datasets
+
+    from lightning_cit.base import cache_root
+
+    if builder == "json":
+        _read_text_head_check(spec, path)
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"))
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
+        if builder == "json":
+            return None, ""  # the Python reader names the line that is wrong (or reads what Arrow cannot type)
+        raise TaskDataError(f"task {spec.name!r}: cannot read {path} as {builder}: {err}") from None
+    if builder == "json" and not _json_types_exact(spec, dataset):
+        return None, ""  # Arrow unified a column's types (int -> float, ...): the Python reader keeps every value as written
+    where = {"csv": f"{path}:csv row {{row}}", "json": f"{path}:record {{row}}"}.get(builder, f"{path}[row {{row}}]")
+    return dataset, where
+
+
+def _json_types_exact(spec: TaskSpec, dataset: Any) -> bool:
+    """Whether Arrow kept every value a JSONL task uses as written.
+
+    Type inference unifies a column: one float (or an int beyond int64) turns every int of
+    ``answer_index`` into a float, numbers and strings mixed in a text column fail or change. Only
+    string text columns, integer ``answer_index``, boolean ``harmful``, string ``options`` and
+    string-struct ``messages`` are taken from Arrow; anything else goes through the Python reader.
+    """
+    import pyarrow as pa
+
+    def text(t: Any) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+    expected = {
+        spec.prompt_field: text,
+        spec.response_field: text,
+        "answer_index": lambda t: pa.types.is_integer(t) or pa.types.is_null(t),
+        "harmful": lambda t: pa.types.is_boolean(t) or pa.types.is_null(t),
+        "options": lambda t: pa.types.is_null(t) or (pa.types.is_list(t) and text(t.value_type)),
+        spec.messages_field: lambda t: pa.types.is_null(t) or (
+            pa.types.is_list(t) and pa.types.is_struct(t.value_type) and all(text(f.type) for f in t.value_type)),
+    }
+    schema = dataset.data.schema
+    return all(check(schema.field(name).type) for name, check in expected.items() if name in schema.names)
+
+
+def _read_text_head_check(spec: TaskSpec, path: Path) -> None:
+    """Undecodable bytes are reported with their line (``datasets`` would only say the file failed)."""
+    with open(path, "rb") as handle:
+        lineno = 1
+        for raw in handle:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskDataError(
+                    f"task {spec.name!r}: {path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8"
+                ) from None
+            lineno += 1
+
+
+def _load_datasets_dir(spec: TaskSpec, path: Path) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - as above, for load_from_disk
+        raise TaskDataError(f"task {spec.name!r}: {path} is not a directory saved by datasets.save_to_disk: {err}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise TaskDataError(f"task {spec.name!r}: {path} holds splits {list(loaded)}, expected a 'train' split")
+        loaded = loaded["train"]
+    return loaded
+
+
+def _validate_arrow(spec: TaskSpec, dataset: Any, where: str, source: str) -> None:
+    """Every row is valid, or a :class:`TaskDataError` names the first bad one (see module docstring)."""
+    import pyarrow as pa
+
+    columns = set(dataset.column_names)
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating)
+    simple = (
+        spec.messages_field not in columns
+        and (spec.metric or _default_metric(spec)) != MC_ACCURACY
+        and all(c in columns and table.column(c).null_count == 0 and any(t(table.schema.field(c).type) for t in text)
+                for c in (spec.prompt_field, spec.response_field))
+    )
+    if simple:
+        return  # every row has a text prompt and response: what _normalize would check
+    for start in range(0, len(dataset), 4096):
+        batch = dataset[start : start + 4096]
+        keys = list(batch)
+        for offset in range(len(batch[keys[0]]) if keys else 0):
+            row = start + offset
+            record = _arrow_record({k: batch[k][offset] for k in keys})
+            _normalize(spec, record, _locate(where, source, row))
+
+
+def _locate(where: str, source: str, row: int) -> str:
+    """A row's location for an error message: the JSONL line (blank lines skipped, as the reader does), the CSV line."""
+    if where.endswith(":record {row}"):
+        path = os.path.expanduser(source)
+        with open(path, encoding="utf-8", newline=None) as handle:
+            seen = -1
+            for lineno, line in enumerate(handle, start=1):
+                seen += bool(line.strip())
+                if seen == row:
+                    return f"{path}:{lineno}"
+    if where.endswith(":csv row {row}"):
+        return where[: -len("csv row {row}")] + str(row + 2)  # line 1 is the header
+    return where.format(row=row)
 
 
 def _read_source(spec: TaskSpec, source: str, seed: int, split: str) -> list[tuple[str, dict]]:
@@ -284,7 +502,15 @@ def _read_datasets_dir(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}[row {i}]", dict(r)) for i, r in enumerate(loaded)]
 
 
+def _is_arrow_dataset(value: Any) -> bool:
+    return type(value).__module__.startswith("datasets") and type(value).__name__ == "Dataset"
+
+
 def _read_callable(spec: TaskSpec, source: str, seed: int, split: str) -> list[tuple[str, dict]]:
+    return _callable_records(spec, source, _call_source(spec, source, seed, split))
+
+
+def _call_source(spec: TaskSpec, source: str, seed: int, split: str) -> Any:
     target = source[len("callable:") :]
     try:
         fn = import_callable(target)
@@ -292,7 +518,13 @@ def _read_callable(spec: TaskSpec, source: str, seed: int, split: str) -> list[t
         raise TaskDataError(f"task {spec.name!r}: cannot import {target!r} (expected callable:<module>:<function>): {err}") from None
     # like synth, train_size None asks for 1000 training samples (asking for 0 left none once eval/probe are held out)
     n = (spec.train_size or 1000) + spec.eval_size + spec.probe_size if split == "train" else spec.eval_size + spec.probe_size
-    records = fn(split=split, n=n, seed=seed)
+    return fn(split=split, n=n, seed=seed)
+
+
+def _callable_records(spec: TaskSpec, source: str, records: Any) -> list[tuple[str, dict]]:
+    target = source[len("callable:") :]
+    if _is_arrow_dataset(records):
+        records = list(records)
     if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
         raise TaskDataError(
             f"task {spec.name!r}: {target}(split=..., n=..., seed=...) must return a list of dicts or a datasets.Dataset, "

@@ -26,6 +26,7 @@ def small_config(tmp_path: Path, controller: dict | None = None, extra_callbacks
         callbacks[0] = controller
     callbacks[1]["init_args"]["probe_every_n_steps"] = 3
     callbacks[2]["init_args"]["every_n_train_steps"] = every_n_train_steps
+    callbacks[2]["init_args"]["keep_mid_task"] = None  # tests resume from mid-task files of earlier tasks
     callbacks.extend(extra_callbacks)
     config["data"]["steps_per_task"] = STEPS
     config["data"]["global_batch_size"] = 8

@@ -6,6 +6,18 @@ edit similarity and ROUGE-L; option log-likelihood for multiple choice) and the 
 loss. After each row it atomically rewrites ``scores.json``, ``scores.csv`` and ``scores.png`` in the
 run's log directory and logs every number to the Lightning logger; at the end it prints the table.
 
+What a row costs (why the options exist: with every task scored after every task, evaluation grows as
+T(T+1) and passed training time at 10 tasks): ``score: needed`` (the default) scores, after task t, the
+seen tasks and the next one (all the summary metrics read: the diagonal, the final row, earlier rows
+of seen tasks for forgetting, ``R[t][t+1]`` for FWT); the base row scores every task (FWT's reference)
+or, with ``base_row: loss``, only their losses (FWT is then unavailable). ``every_n_tasks: n`` makes a
+full row only after every n-th task and the last; the task ends in between get a loss-only row
+(``between: loss``, teacher-forced losses of the seen tasks, cheap) or none (``between: skip``).
+Unscored cells are ``null`` in ``scores.json``; ``row_kinds`` says which rows are full, loss-only or
+skipped, and ``summary_coverage`` gives, per metric, the terms it was computed on out of those of a
+full matrix (only written when some cell is unscored). ``forgetting_chaudhry`` takes its max over the
+scored rows only. ``score: all`` is the old behaviour: every task after every task.
+
 Every ``probe_every_n_steps`` optimizer steps it runs a cheap loss-only probe of the tasks seen so
 far (their ``probe`` split), logs ``probe/loss/<task>`` and keeps the values as the signals that
 mixture controllers read (:meth:`latest_probe_losses`).
@@ -29,7 +41,7 @@ Other callbacks add to ``scores.json`` by registering a section with the module
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -38,8 +50,28 @@ from lightning_cit.callbacks.evaluation.probes import ProbeLosses
 
 from lightning_cit.contract import ContinualCallback, Needs, ShardPlan
 from lightning_cit.errors import ConfigError
-from lightning_cit.metrics import summarize
+from lightning_cit.metrics import summarize, summary_coverage
 from lightning_cit.results import format_table, write_scores
+
+EvalScope = Literal["needed", "all"]
+BaseRow = Literal["scores", "loss"]
+BetweenRows = Literal["loss", "skip"]
+RowKind = Literal["scores", "loss", "skip"]
+
+
+def row_plan(row: int, num_trained: int, score: EvalScope = "needed", every_n_tasks: int = 1,
+             between: BetweenRows = "loss", base_row: BaseRow = "scores") -> tuple[RowKind, int]:
+    """What row ``row`` (0 = base, t + 1 = after task t) computes, and over how many leading trained tasks.
+
+    A pure function of the options, so resumed runs and ranks agree on every row without talking.
+    """
+    if row == 0:
+        return base_row, num_trained  # FWT reads R[0][j] for every j >= 1
+    covered = num_trained if score == "all" else min(row + 1, num_trained)  # seen tasks + the next one
+    if row % every_n_tasks == 0 or row == num_trained:
+        return "scores", covered
+    return between, covered
+
 
 REFUSAL_MARKERS = ("sorry", "i cannot", "i can't", "i can not", "i won't", "i will not")
 
@@ -50,7 +82,7 @@ def is_refusal(text: str) -> bool:
 
 
 class ForgettingEvaluator(ContinualCallback):
-    """Scores every task after every task and writes ``scores.json`` (see module docstring).
+    """Scores the tasks after every task and writes ``scores.json`` (see module docstring).
 
     Args:
         probe_every_n_steps: optimizer steps between loss-only probes of the seen tasks; null disables them.
@@ -58,6 +90,10 @@ class ForgettingEvaluator(ContinualCallback):
         heatmap: also write ``scores.png``.
         print_table: print the score table at the end of training (rank 0).
         tasks: explicit tasks for projects without ``ContinualInstructionDataModule``.
+        score: ``needed`` scores the seen tasks plus the next one after each task; ``all`` every task (the old behaviour).
+        every_n_tasks: a full row after every n-th task and after the last one.
+        between: the rows between full rows: ``loss`` (teacher-forced losses only) or ``skip``.
+        base_row: ``scores`` (every task scored: FWT's reference) or ``loss`` (losses only; FWT unavailable).
     """
 
     def __init__(
@@ -67,7 +103,17 @@ class ForgettingEvaluator(ContinualCallback):
         heatmap: bool = True,
         print_table: bool = True,
         tasks: list[Any] | None = None,
+        score: EvalScope = "needed",
+        every_n_tasks: int = 1,
+        between: BetweenRows = "loss",
+        base_row: BaseRow = "scores",
     ) -> None:
+        for name, value, valid in (("score", score, EvalScope), ("between", between, BetweenRows), ("base_row", base_row, BaseRow)):
+            if value not in valid.__args__:
+                raise ConfigError(f"ForgettingEvaluator.{name}={value!r} is unknown; valid: {', '.join(valid.__args__)}")
+        if isinstance(every_n_tasks, bool) or not isinstance(every_n_tasks, int) or every_n_tasks < 1:
+            raise ConfigError(f"ForgettingEvaluator.every_n_tasks must be an int >= 1, got {every_n_tasks!r}")
+        self.score, self.every_n_tasks, self.between, self.base_row = score, every_n_tasks, between, base_row
         if probe_every_n_steps is not None and probe_every_n_steps < 1:
             raise ConfigError(f"ForgettingEvaluator.probe_every_n_steps must be >= 1 or null, got {probe_every_n_steps}")
         self.probe_every_n_steps = probe_every_n_steps
@@ -76,8 +122,9 @@ class ForgettingEvaluator(ContinualCallback):
         self.print_table = print_table
         self._tasks = tasks
         self.rows: list[str] = []
-        self.matrix: list[list[float]] = []
-        self.loss_matrix: list[list[float]] = []
+        self.row_kinds: list[RowKind] = []
+        self.matrix: list[list[float | None]] = []
+        self.loss_matrix: list[list[float | None]] = []
         self.eval_only: dict[str, dict[str, list[float]]] = {}
         self.safety_rows: list[dict[str, float]] = []
         self.probes = ProbeLosses()  # the probe service's numbers (callbacks/evaluation/probes.py)
@@ -158,25 +205,42 @@ class ForgettingEvaluator(ContinualCallback):
 
     # ------------------------------------------------------------------------------------ evaluation
     def _evaluate_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, row: str) -> None:
+        trained = self._trained(trainer)
+        kind, covered = row_plan(len(self.rows), len(trained), self.score, self.every_n_tasks, self.between, self.base_row)
         was_training = pl_module.training
         pl_module.eval()
-        score_row, loss_row, safety = [], [], None
-        for task in self._all_tasks(trainer):
-            score, loss, counts = self._score_task(trainer, pl_module, task)
-            if counts is not None and safety is None:
-                safety = {"task": task.spec.name, **counts}
+        score_row: list[float | None] = []
+        loss_row: list[float | None] = []
+        safety = None
+        position = 0  # index among the trained tasks
+        for task in self._all_tasks(trainer) if kind != "skip" else []:
+            wanted = position < covered if task.spec.train else True  # evaluation-only tasks: every row (small, e.g. safety)
+            score = loss = None
+            if wanted:
+                score, loss, counts = self._score_task(trainer, pl_module, task, losses_only=kind == "loss")
+                if counts is not None and safety is None:
+                    safety = {"task": task.spec.name, **counts}
             if task.spec.train:
                 score_row.append(score)
                 loss_row.append(loss)
+                position += 1
             else:
                 entry = self.eval_only.setdefault(task.spec.name, {"metric": task.metric, "scores": [], "losses": []})
                 entry["scores"].append(score)
                 entry["losses"].append(loss)
+        if kind == "skip":
+            score_row, loss_row = [None] * len(trained), [None] * len(trained)
+            for entry in self.eval_only.values():
+                entry["scores"].append(None)
+                entry["losses"].append(None)
         if was_training:
             pl_module.train()
         self.rows.append(row)
+        self.row_kinds.append(kind)
         self.matrix.append(score_row)
         self.loss_matrix.append(loss_row)
+        if safety is None and kind != "scores" and self.safety_rows:  # keep one safety entry per row
+            safety = {"task": self.safety_rows[0]["task"], "refusal_harmful": None, "over_refusal_benign": None, "score": None}
         if safety is not None:
             self.safety_rows.append(safety)
         # every row goes into the probe signals too: the controllers' view at a task start
@@ -186,15 +250,21 @@ class ForgettingEvaluator(ContinualCallback):
         self._write(self._out_dir(trainer), scores)
         if trainer.logger is not None:
             names = scores["tasks"]
-            metrics = {f"eval/score/{n}": v for n, v in zip(names, score_row)}
-            metrics.update({f"eval/loss/{n}": v for n, v in zip(names, loss_row)})
+            metrics = {f"eval/score/{n}": v for n, v in zip(names, score_row) if v is not None}
+            metrics.update({f"eval/loss/{n}": v for n, v in zip(names, loss_row) if v is not None})
             metrics["eval/row"] = float(len(self.rows) - 1)
             _log(trainer, metrics)
 
-    def _score_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: Any) -> tuple[float, float, dict | None]:
+    def _score_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: Any,
+                    losses_only: bool = False) -> tuple[float | None, float, dict | None]:
         world, rank = trainer.world_size, trainer.global_rank
         shard = ShardPlan(task.eval, world, rank)  # equal shards, padded: every rank runs the same forwards and generate steps
         synced = world > 1 and _sharded(trainer)
+        if losses_only:
+            local_losses = shard.keep(pl_module.sample_losses(shard.local)) if shard.local else []
+            totals = trainer.strategy.reduce(torch.tensor([sum(local_losses), float(len(local_losses))], dtype=torch.float64,
+                                                          device=pl_module.device), reduce_op="sum").tolist()
+            return None, totals[0] / max(totals[1], 1.0), None
         if shard.local:
             padded = pl_module.evaluate_samples(shard.local, task.metric, task.spec.max_new_tokens, synced_gpus=synced) if synced else \
                 pl_module.evaluate_samples(shard.local, task.metric, task.spec.max_new_tokens)
@@ -238,10 +308,14 @@ class ForgettingEvaluator(ContinualCallback):
             "complete": done == len(names),
             "summary": {},
         }
+        if any(k != "scores" for k in self.row_kinds) or any(v is None for row in self.matrix for v in row):
+            scores["row_kinds"] = list(self.row_kinds)
         if done >= 1:
             sub = [row[:done] for row in self.matrix[: done + 1]]
             scores["summary"] = summarize(sub)
             scores["summary_over_tasks"] = done
+            if any(v is None for row in sub for v in row):
+                scores["summary_coverage"] = summary_coverage(sub)
         module = trainer.lightning_module
         sections = module.continual.sections() if module is not None and hasattr(module, "continual") else {}
         if sections:  # what other callbacks record about the run (e.g. instruction groups)
@@ -279,6 +353,7 @@ class ForgettingEvaluator(ContinualCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "rows": list(self.rows),
+            "row_kinds": list(self.row_kinds),
             "matrix": [list(r) for r in self.matrix],
             "loss_matrix": [list(r) for r in self.loss_matrix],
             "eval_only": {k: {kk: (list(vv) if isinstance(vv, list) else vv) for kk, vv in v.items()} for k, v in self.eval_only.items()},
@@ -289,6 +364,7 @@ class ForgettingEvaluator(ContinualCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
+        self.row_kinds = list(state_dict.get("row_kinds", ["scores"] * len(self.rows)))
         self.matrix = [list(r) for r in state_dict["matrix"]]
         self.loss_matrix = [list(r) for r in state_dict["loss_matrix"]]
         self.eval_only = {k: dict(v) for k, v in state_dict.get("eval_only", {}).items()}

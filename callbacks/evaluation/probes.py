@@ -51,10 +51,11 @@ class ProbeLosses:
     def is_fresh(self, step: int, tasks_covered: int) -> bool:
         return self.fresh == (step, tasks_covered)
 
-    def record_row(self, step: int, losses: list[float]) -> None:
-        """A score row's eval-split losses become the signals too (the controllers' view at a task start)."""
+    def record_row(self, step: int, losses: list[float | None]) -> None:
+        """A score row's eval-split losses become the signals too (the controllers' view at a task start); unscored cells are skipped."""
         for j, loss in enumerate(losses):
-            self.losses[j] = (step, loss)
+            if loss is not None:
+                self.losses[j] = (step, loss)
         self.fresh = (-1, 0)  # eval-split losses: a trend against the probe split would mean nothing
 
     def state_dict(self) -> dict[str, Any]:

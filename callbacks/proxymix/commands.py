@@ -238,6 +238,8 @@ def vulnerability(scores: dict) -> dict[str, float]:
     if len(matrix) != len(tasks) + 1:
         raise ConfigError(f"a scores file with {len(tasks)} tasks needs {len(tasks) + 1} rows (base + one per task), it has {len(matrix)}")
     final = matrix[-1]
+    if any(matrix[i + 1][i] is None or final[i] is None for i in range(len(tasks) - 1)):
+        raise ConfigError("vulnerability needs every task's score right after it was learned: run the ForgettingEvaluator with every_n_tasks: 1")
     return {tasks[i]: (matrix[i + 1][i] - final[i]) / max(matrix[i + 1][i], EPS_A) for i in range(len(tasks) - 1)}
 
 
