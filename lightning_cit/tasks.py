@@ -292,8 +292,21 @@ def _open_arrow(spec: TaskSpec, source: str, seed: int, split: str) -> tuple[Any
 
     if builder == "json":
         _read_text_head_check(spec, path)
+    if builder == "csv":
+        _check_csv(spec, path)  # a row with more cells than the header is named by its line (Arrow would only fail)
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"))
+        if builder == "json":
+            # pyarrow's JSON reader crashes the whole process (a segfault, not an exception) on some malformed lines,
+            # found by tests/test_tasks.py's hypothesis test: Python's json module parses each line and the records
+            # stream into the same memory-mapped Arrow cache, keyed by the file's size and modification time
+            stat = path.stat()
+            dataset = datasets.Dataset.from_generator(
+                _jsonl_records, gen_kwargs={"path": str(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"},
+                cache_dir=str(cache_root() / "datasets"),
+            )
+        else:
+            options = {"encoding": "utf-8-sig"} if builder == "csv" else {}  # a BOM is not data
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"), **options)
     except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
         if builder == "json":
             return None, ""  # the Python reader names the line that is wrong (or reads what Arrow cannot type)
@@ -302,6 +315,18 @@ def _open_arrow(spec: TaskSpec, source: str, seed: int, split: str) -> tuple[Any
         return None, ""  # Arrow unified a column's types (int -> float, ...): the Python reader keeps every value as written
     where = {"csv": f"{path}:csv row {{row}}", "json": f"{path}:record {{row}}"}.get(builder, f"{path}[row {{row}}]")
     return dataset, where
+
+
+def _jsonl_records(path: str, stamp: str) -> Any:
+    """The JSON objects of a JSONL file, line by line (``stamp`` only keys the Arrow cache); anything else raises."""
+    with open(path, encoding="utf-8-sig", newline=None) as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")  # the Python reader then names the line
+            yield record
 
 
 def _json_types_exact(spec: TaskSpec, dataset: Any) -> bool:
