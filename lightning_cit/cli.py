@@ -23,6 +23,7 @@ import errno
 import fcntl
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -104,8 +105,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
         except BaseException as err:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err).lower() and not isinstance(err, RunError)):
-                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, RunError):
+                # torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ...") whose context is
+                # the OSError: name that cause
+                reason = _os_error_reason(err) or _full_disk(path.parent) or (str(err).splitlines() or [type(err).__name__])[0]
                 raise RunError(
                     f"cannot write checkpoint {str(path)!r} ({reason}); nothing partial was left behind and the previous "
                     "checkpoint is intact. Free space (or fix permissions) and resume with --ckpt_path last"
@@ -123,6 +126,26 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location or (lambda storage, loc: storage), weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch/pickle/zip raise many types for a bad file
             raise checkpoint_error(path, err) from None
+
+
+def _os_error_reason(err: BaseException) -> str | None:
+    """The ``strerror`` of the first ``OSError`` in ``err``'s chain of causes and contexts, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.strerror:
+            return err.strerror
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _full_disk(directory: Path) -> str | None:
+    """"No space left on device" when the checkpoint's filesystem has under 1 MiB free (a writer that hid the OSError)."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    return f"No space left on device ({free} bytes free)" if free < 2**20 else None
 
 
 class CITCLI(LightningCLI):

@@ -325,7 +325,7 @@ def _jsonl_records(path: str, stamp: str) -> Any:
                 continue
             record = json.loads(line)
             if not isinstance(record, dict):
-                raise ValueError("not a JSON object")  # the Python reader then names the line
+                raise TypeError("not a JSON object")  # the Python reader then names the line
             yield record
 
 
