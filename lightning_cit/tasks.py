@@ -323,10 +323,15 @@ def _jsonl_records(path: str, stamp: str) -> Any:
         for line in handle:
             if not line.strip():
                 continue
-            record = json.loads(line)
+            # NaN/Infinity would become nulls in Arrow: the Python reader refuses them, naming the line
+            record = json.loads(line, parse_constant=_refuse_constant)
             if not isinstance(record, dict):
                 raise TypeError("not a JSON object")  # the Python reader then names the line
             yield record
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _json_types_exact(spec: TaskSpec, dataset: Any) -> bool:
