@@ -56,7 +56,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs, ShardPlan
+from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs, ShardPlan, sharded
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 from lightning_cit.plugins import import_callable
@@ -235,7 +235,7 @@ class OnPolicyReplay(ContinualCallback):
             local += [(j, i) for i in shard.local]
             real += [p < shard.real for p in range(len(shard.local))]
         began = time.perf_counter()
-        synced = world > 1 and _sharded(trainer)
+        synced = world > 1 and sharded(trainer)
         scored, tokens, seconds = self.rollout(pl_module, dm, local, seed=dm.seed * 1000 + finished, rank=rank, real=real, synced_gpus=synced)
         gathered = _all_gather([(scored, tokens, seconds, time.perf_counter() - began)])
         results: dict[tuple[int, int], tuple[str, float]] = {}
@@ -340,11 +340,6 @@ class OnPolicyReplay(ContinualCallback):
         self.history = [dict(r) for r in state_dict.get("history", [])]
         self.load_task_events(state_dict)
 
-
-def _sharded(trainer: pl.Trainer) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def ru_scores(metric: str, samples: list[dict], answers: list[str]) -> list[float]:

@@ -83,7 +83,6 @@ class TaskClock:
         self.epochs_per_task = epochs_per_task
         self.task = -1  # fit style: the task of the current (or last) fit
         self.status: Literal["idle", "running", "ended"] = "idle"
-        self.first_epoch = 0  # fit style: the trainer epoch at which the current task started
         self.first_step = 0  # fit style: the trainer's global step at which the current task started
         self._requested: int | None = None
         self._fit: Any = None  # weak reference to the trainer of the current fit
@@ -109,7 +108,6 @@ class TaskClock:
             return
         self.task = self._requested if self._requested is not None else self.task + 1
         self._requested = None
-        self.first_epoch = int(trainer.current_epoch)
         self.first_step = int(trainer.global_step)
         self.status = "running"
 
@@ -150,7 +148,7 @@ class TaskClock:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"style": self.style, "epochs_per_task": self.epochs_per_task, "task": self.task, "status": self.status,
-                "first_epoch": self.first_epoch, "first_step": self.first_step}
+                "first_step": self.first_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("style", self.style) != self.style or int(state.get("epochs_per_task", self.epochs_per_task)) != self.epochs_per_task:
@@ -160,7 +158,6 @@ class TaskClock:
             )
         self.task = int(state["task"])
         self.status = state["status"]
-        self.first_epoch = int(state.get("first_epoch", 0))
         self.first_step = int(state.get("first_step", 0))
 
 
@@ -695,9 +692,6 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-MODULE_INFERENCE = ("sample_losses", "probe_loss", "generate_answers", "choose_options", "evaluate_samples")
-
-
 # ============================================================================================ the data contract
 @runtime_checkable
 class ContinualData(Protocol):
@@ -742,6 +736,13 @@ class ContinualData(Protocol):
 DATA_TASKS = ("task_names", "num_tasks", "train_tasks", "seed")
 DATA_MEMORY = DATA_TASKS + ("memory", "steps_for", "task_start_step")
 DATA_MIXTURE = DATA_MEMORY + ("set_mixture", "has_decision", "batches_for", "draw_ahead")
+
+
+def sharded(trainer: Any) -> bool:
+    """Whether the strategy shards the model, so every forward (and each ``generate`` step) is a collective."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 @dataclass

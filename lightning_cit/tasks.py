@@ -519,17 +519,7 @@ def _check_csv(spec: TaskSpec, path: Path) -> None:
 
 
 def _read_datasets_dir(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as err:  # noqa: BLE001 - as above, for load_from_disk
-        raise TaskDataError(f"task {spec.name!r}: {path} is not a directory saved by datasets.save_to_disk: {err}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise TaskDataError(f"task {spec.name!r}: {path} holds splits {list(loaded)}, expected a 'train' split")
-        loaded = loaded["train"]
-    return [(f"{path}[row {i}]", dict(r)) for i, r in enumerate(loaded)]
+    return [(f"{path}[row {i}]", dict(r)) for i, r in enumerate(_load_datasets_dir(spec, path))]
 
 
 def _is_arrow_dataset(value: Any) -> bool:

@@ -48,7 +48,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning_cit.callbacks.evaluation.probes import ProbeLosses
 
-from lightning_cit.contract import ContinualCallback, Needs, ShardPlan
+from lightning_cit.contract import ContinualCallback, Needs, ShardPlan, sharded
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import summarize, summary_coverage
 from lightning_cit.results import format_table, write_scores
@@ -259,7 +259,7 @@ class ForgettingEvaluator(ContinualCallback):
                     losses_only: bool = False) -> tuple[float | None, float, dict | None]:
         world, rank = trainer.world_size, trainer.global_rank
         shard = ShardPlan(task.eval, world, rank)  # equal shards, padded: every rank runs the same forwards and generate steps
-        synced = world > 1 and _sharded(trainer)
+        synced = world > 1 and sharded(trainer)
         if losses_only:
             local_losses = shard.keep(pl_module.sample_losses(shard.local)) if shard.local else []
             totals = trainer.strategy.reduce(torch.tensor([sum(local_losses), float(len(local_losses))], dtype=torch.float64,
@@ -372,11 +372,6 @@ class ForgettingEvaluator(ContinualCallback):
         self.probes.load_state_dict(state_dict)
         self.load_task_events(state_dict)
 
-
-def _sharded(trainer: pl.Trainer) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 @rank_zero_only

@@ -40,7 +40,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_cit.contract import ContinualCallback, ContractError, Needs
+from lightning_cit.contract import ContinualCallback, ContractError, Needs, sharded
 from lightning_cit.errors import ConfigError
 
 WHEN = ("always", "after_first_task", "reused_group")
@@ -350,10 +350,8 @@ class DynamicEMA(AdapterEMA):
     def _reduce(trainer: pl.Trainer, norms: torch.Tensor) -> torch.Tensor:
         if trainer.world_size <= 1:
             return norms
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-        return trainer.strategy.reduce(norms, reduce_op="sum" if sharded else "mean")
+        # under FSDP each rank holds a shard: the shard norms sum to the full tensor's norm
+        return trainer.strategy.reduce(norms, reduce_op="sum" if sharded(trainer) else "mean")
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
