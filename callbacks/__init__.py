@@ -2,6 +2,7 @@
 
 from lightning_cit.callbacks.adapter_checkpoint import AdapterOnlyCheckpoint
 from lightning_cit.callbacks.checkpoint import TaskCheckpoint
+from lightning_cit.callbacks.cost import CostMeter
 from lightning_cit.callbacks.evaluation.evaluator import ForgettingEvaluator
 from lightning_cit.callbacks.guards import FiniteLossGuard, SignalCheckpoint
 from lightning_cit.callbacks.jfa import JointFlashbackAdaptation
@@ -21,4 +22,4 @@ from lightning_cit.callbacks.proxymix import LossSlope, ProxyMixController
 
 CONTROLLERS = ("NoReplay", "FixedRatio", "Proportional", "MSSRReplay", "SizeProportional", "LossSlope", "ProxyMixController")
 
-__all__ = ["CONTROLLERS", "AdapterEMA", "AdapterOnlyCheckpoint", "DynamicEMA", "FiniteLossGuard", "FixedRatio", "ForgettingEvaluator", "InstructionGrouping", "JointFlashbackAdaptation", "LossSlope", "MSSRReplay", "MixtureController", "MixtureSignals", "NoReplay", "OnPolicyReplay", "Proportional", "ProxyMixController", "SignalCheckpoint", "SizeProportional", "TaskCheckpoint"]
+__all__ = ["CONTROLLERS", "AdapterEMA", "AdapterOnlyCheckpoint", "CostMeter", "DynamicEMA", "FiniteLossGuard", "FixedRatio", "ForgettingEvaluator", "InstructionGrouping", "JointFlashbackAdaptation", "LossSlope", "MSSRReplay", "MixtureController", "MixtureSignals", "NoReplay", "OnPolicyReplay", "Proportional", "ProxyMixController", "SignalCheckpoint", "SizeProportional", "TaskCheckpoint"]

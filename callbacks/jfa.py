@@ -321,7 +321,8 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
         data = dm.train_tasks[task]
         picks = random.Random(self.seed * 7919 + dm.seed * 1000 + task).sample(range(len(data.train)), min(self.flashbacks_per_task, len(data.train)))
         prompts = [data.train[i]["messages"] for i in picks]
-        continuations = self._reference_generate(pl_module, prompts, self.max_new_tokens or data.spec.max_new_tokens)
+        with pl_module.continual.cost_scope("reference"):
+            continuations = self._reference_generate(pl_module, prompts, self.max_new_tokens or data.spec.max_new_tokens)
         continuations = trainer.strategy.broadcast(continuations, src=0)
         dm.end_task(task)
         entries = [{"messages": m, "response": c, "prompt_only": True} for m, c in zip(prompts, continuations)]
@@ -384,7 +385,8 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
         if flashback is None or not bool(flashback.any()):
             return {TERM: logits.sum() * 0.0}  # a graph-connected zero, so every rank has the same terms
         rows = flashback.nonzero().squeeze(1)
-        ref_logits = self.reference_logits(module, batch["input_ids"][rows], batch["attention_mask"][rows])
+        with module.continual.cost_scope("reference"):
+            ref_logits = self.reference_logits(module, batch["input_ids"][rows], batch["attention_mask"][rows])
         span = batch["labels"][rows][:, 1:] != IGNORE_INDEX  # the reference continuation (+ EOS)
         value = divergence(ref_logits[:, :-1], logits[rows][:, :-1], span, self.divergence)
         return {TERM: self.alpha * value}

@@ -186,7 +186,8 @@ class OnPolicyReplay(ContinualCallback):
         dm = trainer.datamodule
         if task >= dm.num_tasks - 1 or task in self.done_tasks:  # nothing follows the last task; never twice
             return
-        record = self.rebuild_buffers(trainer, pl_module, task)
+        with pl_module.continual.cost_scope("rollout"):
+            record = self.rebuild_buffers(trainer, pl_module, task)
         self.history.append(record)
         if record["tokens"]:
             pl_module.log_dict(

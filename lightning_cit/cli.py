@@ -41,6 +41,7 @@ SUBCOMMANDS: dict[str, str] = {
     "proxymix": "lightning_cit.callbacks.proxymix.commands:main",
     "convert-gguf": "lightning_cit.named_models:main",
     "report": "lightning_cit.report:main",
+    "compare": "lightning_cit.compare:main",
 }
 
 TRAINER_DEFAULTS: dict[str, Any] = {

@@ -21,6 +21,9 @@ here, and nothing else. A user's own Lightning project uses our callbacks throug
   (:class:`~lightning_cit.replay.ReplayMemory`, the one owner of the buffers, versioned), the mixture plan
   per batch. ``ContinualInstructionDataModule`` implements it; a user's DataModule can implement it or
   hand its datasets to ``ContinualInstructionDataModule`` (``datasets=``, ``collate_fn=``).
+- **Cost scopes** (:meth:`ContinualRegistry.cost_scope`): a callback that runs forwards of its own (evaluation,
+  probes, rollouts, reference passes, re-scoring) wraps them in ``module.continual.cost_scope(label)`` so a
+  cost meter (:class:`~lightning_cit.callbacks.CostMeter`) can attribute tokens and CPU time to it.
 - **One setup check** (:class:`Needs`, :func:`check_contract`): every callback states what it needs;
   at ``setup`` one error lists *everything* missing, and the required order of callbacks is checked
   for every pair that has one (:data:`ORDER`).
@@ -31,8 +34,11 @@ Arrows run one way: this file imports nothing of ours above the pure helpers (co
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -291,6 +297,14 @@ class ContinualCallback(Callback):
 
 
 # ============================================================================================ the registry
+_COST_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lightning_cit_cost_scope", default=None)
+
+
+def current_cost_scope() -> str | None:
+    """The label of the innermost :meth:`ContinualRegistry.cost_scope` being run (None: the training step's own work)."""
+    return _COST_SCOPE.get()
+
+
 class ContinualRegistry:
     """Services and callbacks registered with one module (``module.continual``); never checkpointed.
 
@@ -333,6 +347,27 @@ class ContinualRegistry:
 
     def sections(self) -> dict[str, Any]:
         return {name: section() for name, section in self.score_sections.items()}
+
+    @contextlib.contextmanager
+    def cost_scope(self, label: str) -> Iterator[None]:
+        """Attribute the forwards and the CPU time inside this block to ``label`` (the outermost scope wins).
+
+        Forwards outside any scope are the training step's own. A registered ``cost`` service (the
+        :class:`~lightning_cit.callbacks.CostMeter`) receives the block's process CPU seconds; without one
+        this only sets the label.
+        """
+        if _COST_SCOPE.get() is not None:  # nested: the outer caller owns the cost
+            yield
+            return
+        token = _COST_SCOPE.set(label)
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            _COST_SCOPE.reset(token)
+            meter = self.services.get("cost")
+            if meter is not None:
+                meter.add_cpu(label, time.process_time() - start)
 
     def task_ended(self, callback: ContinualCallback, clock: TaskClock) -> None:
         """Once every registered callback has ended the task, the ``fit``-style clock closes it."""
@@ -785,5 +820,6 @@ __all__ = [
     "ShardPlan",
     "TaskClock",
     "check_contract",
+    "current_cost_scope",
     "inference",
 ]

@@ -15,6 +15,23 @@ from lightning_cit.cli import main
 from lightning_cit.metrics import SUMMARY_KEYS
 
 STEPS = 12
+COST = {"class_path": "lightning_cit.callbacks.CostMeter"}
+
+
+def cost_of(root: Path) -> dict:
+    files = list(root.rglob("cost.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def measured(seen: list[list[int]], sources: list[list[int]]) -> tuple[int, int]:
+    """(samples, replayed samples) over tasks 2..T from RecordSamples' records: a replayed sample's source is an earlier task."""
+    samples = replayed = 0
+    for (epoch, *_), batch_sources in zip(seen, sources):
+        if epoch > 0:
+            samples += len(batch_sources)
+            replayed += sum(1 for source in batch_sources if source != epoch)
+    return samples, replayed
 
 
 def small_config(tmp_path: Path, controller: dict | None = None, extra_callbacks=(), every_n_train_steps=5) -> Path:
@@ -75,12 +92,17 @@ def test_fit_through_the_cli_writes_the_score_matrix(tmp_path, capsys):
 )
 def test_resume_from_a_mid_task_checkpoint_reproduces_the_run(tmp_path, controller):
     record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec_full")}}
-    full = run(small_config(tmp_path, controller, [record]), tmp_path / "full")
+    full = run(small_config(tmp_path, controller, [record, COST]), tmp_path / "full")
     checkpoints = sorted((tmp_path / "full").rglob("epoch=1-step=15.ckpt"))  # mid-task 2
     assert checkpoints, sorted(p.name for p in (tmp_path / "full").rglob("*.ckpt"))
     record["init_args"]["out_dir"] = str(tmp_path / "rec_resumed")
-    resumed = run(small_config(tmp_path, controller, [record]), tmp_path / "resumed", "--ckpt_path", str(checkpoints[0]))
+    resumed = run(small_config(tmp_path, controller, [record, COST]), tmp_path / "resumed", "--ckpt_path", str(checkpoints[0]))
     assert resumed["matrix"] == full["matrix"]
+    # the cost meter continues the interrupted run's counts: everything but CPU time is identical
+    cost_full, cost_resumed = cost_of(tmp_path / "full"), cost_of(tmp_path / "resumed")
+    for record_ in (cost_full, cost_resumed):
+        record_.pop("cpu_s")
+    assert cost_resumed == cost_full
     assert resumed["loss_matrix"] == full["loss_matrix"]
     # the resumed run trained on exactly the batches the uninterrupted run trained on after step 15
     seen_full = json.loads((tmp_path / "rec_full" / "rank0.json").read_text())
@@ -92,8 +114,15 @@ def test_resume_from_a_mid_task_checkpoint_reproduces_the_run(tmp_path, controll
 def test_replay_draws_only_from_earlier_tasks_at_the_configured_ratio(tmp_path):
     record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec")}}
     controller = {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": 0.5}}
-    run(small_config(tmp_path, controller, [record]), tmp_path / "run")
+    run(small_config(tmp_path, controller, [record, COST]), tmp_path / "run")
     data = json.loads((tmp_path / "rec" / "rank0.json").read_text())
+    cost = cost_of(tmp_path / "run")  # the CostMeter's counts equal the batches' own records
+    samples, replayed = measured(data["seen"], data["sources"])
+    assert cost["replay_share"] == replayed / samples
+    assert cost["samples"] == 3 * STEPS * 8 and cost["optimizer_steps"] == 3 * STEPS
+    assert cost["forwards"]["train"] == 3 * STEPS and cost["backward_positions"] == {"train": cost["forward_positions"]["train"]}
+    assert cost["forwards"]["evaluation"] > 0 and cost["forwards"]["probe"] > 0  # scored rows and probes, each in its scope
+    assert cost["flops"]["total"] == sum(cost["flops"]["by_scope"].values())
     per_task: dict[int, list[int]] = {}
     for (epoch, *_), sources in zip(data["seen"], data["sources"]):
         per_task.setdefault(epoch, []).extend(sources)
@@ -143,7 +172,7 @@ def test_validate_and_test_subcommands_score_a_checkpoint(tmp_path):
 )
 def test_ddp_two_processes_on_cpu(tmp_path, controller):
     record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "rec")}}
-    config = small_config(tmp_path, controller, [record])
+    config = small_config(tmp_path, controller, [record, COST])
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config),
            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
@@ -157,6 +186,10 @@ def test_ddp_two_processes_on_cpu(tmp_path, controller):
     if "MSSR" in controller["class_path"]:
         assert any(not math.isnan(v) for per_task in r0["memory"]["ema"].values() for v in per_task)  # reviews happened
     assert len(r0["seen"]) == len(r1["seen"]) == 3 * STEPS
+    cost = cost_of(tmp_path / "run")  # counts summed over both ranks
+    s0, p0 = measured(r0["seen"], r0["sources"])
+    s1, p1 = measured(r1["seen"], r1["sources"])
+    assert cost["samples"] == 3 * STEPS * 8 and cost["replay_share"] == (p0 + p1) / (s0 + s1)
     for a, b in zip(r0["seen"], r1["seen"]):
         assert len(a) - 2 == len(b) - 2 == 4  # global batch 8 over 2 ranks
         current_a = {s for s in a[2:]}

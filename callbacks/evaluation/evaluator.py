@@ -161,7 +161,8 @@ class ForgettingEvaluator(ContinualCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if not self.rows:  # not when resuming: the base row is in the checkpoint
-            self._evaluate_row(trainer, pl_module, "base")
+            with pl_module.continual.cost_scope("evaluation"):
+                self._evaluate_row(trainer, pl_module, "base")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -182,7 +183,8 @@ class ForgettingEvaluator(ContinualCallback):
 
     def probe_seen_tasks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Loss-only probe of the tasks trained so far (their probe split), kept as the controllers' signals."""
-        metrics = self.probes.probe(trainer, pl_module, self._trained(trainer), pl_module.task_clock.task_of(trainer))
+        with pl_module.continual.cost_scope("probe"):
+            metrics = self.probes.probe(trainer, pl_module, self._trained(trainer), pl_module.task_clock.task_of(trainer))
         _log(trainer, metrics)  # straight to the loggers: probes also run in hooks where self.log is not allowed
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
@@ -191,7 +193,8 @@ class ForgettingEvaluator(ContinualCallback):
             raise ConfigError(f"task {task} ended but the evaluated sequence has {len(names)} trained tasks ({names}): "
                               "the task clock and the tasks disagree (one fit per task needs the whole sequence in tasks= / evaluation_tasks())")
         if len(self.rows) == task + 1:  # base row + one row per finished task
-            self._evaluate_row(trainer, pl_module, names[task])
+            with pl_module.continual.cost_scope("evaluation"):
+                self._evaluate_row(trainer, pl_module, names[task])
         elif len(self.rows) < task + 1:
             raise ConfigError(f"task {task} ({names[task]!r}) ended but only {len(self.rows) - 1} earlier rows exist: "
                               "tasks were skipped (TaskClock.begin_task jumped ahead?)")
