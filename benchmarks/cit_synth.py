@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lightning_cit.compare import mean_se, merge
 from lightning_cit.metrics import SUMMARY_KEYS
 from lightning_cit.results import atomic_write_json, atomic_write_text
 
@@ -238,13 +238,6 @@ NOTES["opr"] = """## Reading the table
 """
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def apply_method(data: dict, spec: dict) -> dict:
     """The suite config changed into one method's run.
 
@@ -275,7 +268,7 @@ def apply_method(data: dict, spec: dict) -> dict:
     callbacks[1:1] = spec.get("add", [])
     for section in ("model", "data"):
         if section in spec:
-            data[section] = _merge(data.get(section, {}), spec[section])
+            data[section] = merge(data.get(section, {}), spec[section])
     return data
 
 
@@ -326,17 +319,6 @@ def run_one(method: str, seed: int, runs: Path, threads: int, config: str | list
     if proc.returncode:
         raise RuntimeError(f"{method} seed {seed} failed; see {log}")
     return json.loads(next(root.rglob("scores.json")).read_text())
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
 
 
 def main() -> None:

@@ -248,7 +248,7 @@ class CostMeter(ContinualCallback):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        plain = lambda counts: {k: (dict(v) if isinstance(v, dict) else v) for k, v in counts.items()}  # noqa: E731
+        plain = lambda counts: {k: (dict(v) if isinstance(v, dict) else v) for k, v in counts.items()}
         return {**super().state_dict(), "local": plain(self.local), "totals": plain(self.totals)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

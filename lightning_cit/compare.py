@@ -58,6 +58,10 @@ METRICS = ("acc", "bwt_gem", "nta", "fwt", "forgetting_chaudhry")
 BudgetMode = Literal["set", "none"]
 
 
+class RunFailed(RuntimeError):
+    """A run of the grid exited non-zero or left no complete scores (the other runs go on; finished runs stay)."""
+
+
 # ============================================================================================ the grid file
 @dataclass
 class Setting:
@@ -409,8 +413,17 @@ def run_grid(grid: Grid, runs_dir: Path, repo: Path, parallel: int, threads: int
     lock = threading.Lock()
     start = time.perf_counter()
 
-    def one(run: RunSpec) -> dict:
-        record, reused = run_one(run, runs_dir, repo, threads)
+    failures: list[str] = []
+
+    def one(run: RunSpec) -> dict | None:
+        try:
+            record, reused = run_one(run, runs_dir, repo, threads)
+        except RunFailed as err:  # the other runs go on; the grid exits 1 at the end, naming it
+            with lock:
+                done[0] += 1
+                failures.append(str(err))
+                print(f"[{done[0]}/{total}] {run.label()}: FAILED ({err})", file=log, flush=True)
+            return None
         with lock:
             done[0] += 1
             s = record["summary"]
@@ -420,7 +433,10 @@ def run_grid(grid: Grid, runs_dir: Path, repo: Path, parallel: int, threads: int
         return record
 
     with ThreadPoolExecutor(max(1, parallel)) as pool:
-        return list(pool.map(one, specs))
+        records = [r for r in pool.map(one, specs) if r is not None]
+    if failures:
+        raise RunFailed(f"{len(failures)} of {total} runs failed (finished runs are kept; rerun to retry only these):\n  " + "\n  ".join(failures))
+    return records
 
 
 # ============================================================================================ statistics
@@ -523,6 +539,31 @@ def summarize(grid: Grid, records: list[dict]) -> dict[str, Any]:
     return {"cells": cells}
 
 
+def method_facts(records: list[dict]) -> list[dict[str, Any]]:
+    """What the methods recorded about themselves (``scores.json``'s ``methods`` sections), per setting, method and budget.
+
+    Top-level numbers are averaged over seeds, strings and booleans kept when every seed agrees; nested values are
+    left to ``compare.json``'s runs. E.g. DynamicEMA's fallback rate, InstructionGrouping's reused groups.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        for section, values in (r.get("methods") or {}).items():
+            if isinstance(values, dict):
+                groups.setdefault((r["setting"], r["method"], r["budget"], section), []).append(values)
+    facts = []
+    for (setting, method, budget, section), per_seed in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+        out: dict[str, Any] = {}
+        for key in per_seed[0]:
+            values = [v.get(key) for v in per_seed]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                out[key] = sum(values) / len(values)
+            elif all(isinstance(v, (str, bool)) or v is None for v in values) and len({json.dumps(v) for v in values}) == 1:
+                out[key] = values[0]
+        if out:
+            facts.append({"setting": setting, "method": method, "budget": budget, "section": section, "seeds": len(per_seed), "values": out})
+    return facts
+
+
 # ============================================================================================ report
 def _fmt(mean: float, se: float | None = None, digits: int = 1) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
@@ -597,13 +638,13 @@ def write_report(grid: Grid, records: list[dict], out: Path, command: str, secon
                      f"(per-run wall time, single-threaded, is in compare.json).")
     lines += [
         "",
-        f"Budgets: {', '.join(_budget_name(b) for b in grid.budgets)} of every batch from replay (main budget {_budget_name(grid.main_budget)}: "
+        (f"Budgets: {', '.join(_budget_name(b) for b in grid.budgets)} of every batch from replay (main budget {_budget_name(grid.main_budget)}: "
         f"seeds {', '.join(map(str, grid.seeds))}; other budgets: seeds {', '.join(map(str, grid.budget_seeds))}). "
         "`share` is the *measured* replay share (CostMeter: replayed ÷ all samples over tasks 2..T). "
         f"Paired differences are to **{grid.reference}** at the same setting, budget and seed, with a 95% percentile "
         "bootstrap interval of the mean difference; a method wins or loses only when the interval excludes 0. "
         f"Cost: training FLOPs (evaluation excluded; 2N per forward position + 4N per back-propagated one) and CPU seconds, "
-        f"each ÷ **{grid.baseline}** at the same seed. Scores 0..100; `bwt_gem` divides by T−1.",
+        f"each ÷ **{grid.baseline}** at the same seed. Scores 0..100; `bwt_gem` divides by T−1."),
         "",
     ]
     for setting in grid.settings:
@@ -630,6 +671,15 @@ def write_report(grid: Grid, records: list[dict], out: Path, command: str, secon
                          f"{_fmt(c['acc'], c['acc_se'])} | {_fmt(c['bwt_gem'], c['bwt_gem_se'])} | {_fmt(c['nta'], c['nta_se'])} | "
                          f"{c.get('reference', '–')} | {dacc} | {dbwt} | {_fmt(c['flops_ratio'], digits=2)} | {_fmt(c['cpu_ratio'], digits=2)} | {c['extra_forward_positions']:.0f} |")
         lines += ["", *(f"![{f}]({out.name}/{f})" for f in figures if f.endswith(f"_{setting.name}.png")), ""]
+    facts = method_facts(records)
+    if facts:
+        lines += ["## What the methods recorded about themselves", "",
+                  "From each run's `scores.json` (`methods.<callback>`); numbers are means over the seeds shown.", "",
+                  "| setting | method | budget | callback | seeds | values |", "|---|---|---|---|---|---|"]
+        for f in facts:
+            values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["values"].items())
+            lines.append(f"| {f['setting']} | {f['method']} | {_budget_name(f['budget'])} | {f['section']} | {f['seeds']} | {values} |")
+        lines.append("")
     if grid.notes:
         lines += [grid.notes.strip(), ""]
     text = "\n".join(lines) + "\n"
@@ -646,10 +696,6 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-
-
-class RunFailed(RuntimeError):
-    """One run of the grid exited non-zero or left no complete scores (the grid stops; finished runs stay)."""
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -677,11 +723,15 @@ def _main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{flag}: unknown {unknown}; valid: {valid}")
     start = time.perf_counter()
     seconds = None
+    failed: RunFailed | None = None
     if not args.report_only:
         def only(run: RunSpec) -> bool:
             return (args.methods is None or run.method.name in args.methods) and (args.settings is None or run.setting.name in args.settings)
 
-        run_grid(grid, runs_dir, repo, args.parallel, args.threads, only=only)
+        try:
+            run_grid(grid, runs_dir, repo, args.parallel, args.threads, only=only)
+        except RunFailed as err:
+            failed = err
         seconds = time.perf_counter() - start
     records = [json.loads((runs_dir / spec.key / "run.json").read_text()) for spec in grid.runs() if (runs_dir / spec.key / "run.json").exists()]
     if not records:
@@ -689,8 +739,11 @@ def _main(argv: list[str] | None = None) -> int:
     figures_dir = stem.parent / stem.name
     text, summary = write_report(grid, records, figures_dir, command.strip(), seconds)
     atomic_write_text(stem.with_suffix(".md"), text)
-    atomic_write_json(stem.with_suffix(".json"), {"command": command.strip(), "grid": grid.path, "runs": records, **summary})
+    atomic_write_json(stem.with_suffix(".json"), {"command": command.strip(), "grid": grid.path, "runs": records, **summary,
+                                                  "method_facts": method_facts(records)})
     print(text)
+    if failed is not None:  # the report holds the runs that finished
+        raise failed
     return 0
 
 

@@ -211,8 +211,15 @@ def test_fit_stores_flashbacks_trains_the_pool_and_resumes_exactly(tmp_path):
     from test_e2e import run
 
     config = jfa_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["callbacks"].append({"class_path": "lightning_cit.callbacks.CostMeter"})
+    config.write_text(yaml.safe_dump(data))
     full = run(config, tmp_path / "full")
     assert full["complete"]
+    cost = json.loads(next((tmp_path / "full").rglob("cost.json")).read_text())
+    # the reference's greedy continuations at task ends and its no-grad logits in every step with flashbacks
+    assert cost["forwards"]["reference"] > 0 and "reference" not in cost["backward_positions"]
+    assert cost["replay_share"] > 0  # flashback prompts ride in the batch as replay
     ckpt = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     dm_state = next(v for k, v in ckpt.items() if k == "ContinualInstructionDataModule")
     for j in (0, 1):  # one buffer per task before the last, holding flashbacks only

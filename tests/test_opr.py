@@ -201,11 +201,13 @@ def test_rollout_leaks_no_tensors_and_restores_the_training_mode():
 
 def test_fit_rebuilds_buffers_logs_throughput_and_resumes_right_after_a_boundary(tmp_path):
     dump = {"class_path": "test_opr.DumpBuffers", "init_args": {"out_dir": str(tmp_path / "dump_full")}}
-    config = opr_config(tmp_path, {"budget": 12, "reward": "ru", "temperature": 0.1}, [dump])
+    config = opr_config(tmp_path, {"budget": 12, "reward": "ru", "temperature": 0.1}, [dump, {"class_path": "lightning_cit.callbacks.CostMeter"}])
     full = run(config, tmp_path / "full")
     state = json.loads((tmp_path / "dump_full" / "rank0.json").read_text())
     history = state["history"]
     assert [r["task"] for r in history] == [0, 1] and [r["per_task"] for r in history] == [12, 6]
+    cost = json.loads(next((tmp_path / "full").rglob("cost.json")).read_text())  # the rollouts are counted under their own name
+    assert cost["forwards"]["rollout"] > 0 and cost["cpu_s"]["rollout"] > 0 and "rollout" not in cost["backward_positions"]
     assert all(len(b) == 6 and all(isinstance(e, dict) for e in b) for b in state["buffers"].values())
     assert history[0]["tokens"] > 0 and history[0]["tokens_per_s"] > 0
     metrics = next((tmp_path / "full").rglob("metrics.csv")).read_text().splitlines()[0]
