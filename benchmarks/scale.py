@@ -108,9 +108,13 @@ def child_fit(args: argparse.Namespace) -> None:
         path.write_text(yaml.safe_dump(config))
         raise SystemExit(main(["fit", "--config", str(path)]))
     evaluator = {"probe_every_n_steps": None, "heatmap": False, "print_table": False,
-                 "score": "all" if args.mode == "before" else "needed"}
+                 "score": "all" if args.mode == "before" else "needed", "every_n_tasks": 1, "base_row": "scores"}
     if args.mode == "after_interval":
         evaluator["every_n_tasks"] = 5
+    if args.mode == "defaults":  # ForgettingEvaluator's own defaults (probes every 50 steps, heatmap, auto rows, bounded base row)
+        evaluator = {"print_table": False}
+    elif args.mode == "old_defaults":  # the defaults before the bounded base row and every_n_tasks: auto
+        evaluator = {"print_table": False, "score": "needed", "every_n_tasks": 1, "base_row": "scores"}
     config["trainer"]["callbacks"] = [
         {"class_path": "lightning_cit.callbacks.FixedRatio", "init_args": {"ratio": 0.2}},
         {"class_path": "lightning_cit.callbacks.ForgettingEvaluator", "init_args": evaluator},
@@ -146,7 +150,7 @@ def run_case(kind: str, mode: str, files: list[Path], work: Path, steps: int = 2
         result["exit_s"] = end - result.pop("fit_end")
         result["eval_s"] = result["fit_s"] - result["train_s"]
         result["eval_over_train"] = result["eval_s"] / result["train_s"]
-    result.update(cached=cached, kind=kind, mode=mode, tasks=len(files) if files else 5, records=int(files[0].stem.split("_")[0][1:]) if files else 1000, wall_s=end - t0, load_avg=load)
+    result.update(steps=steps if kind == "fit" and files else None, cached=cached, kind=kind, mode=mode, tasks=len(files) if files else 5, records=int(files[0].stem.split("_")[0][1:]) if files else 1000, wall_s=end - t0, load_avg=load)
     print(json.dumps(result), flush=True)
     save([result])
     return result
@@ -156,7 +160,7 @@ def save(results: list[dict]) -> None:
     """Merge into docs/results/scale.json (a case replaces its earlier figures) and rewrite scale.md."""
     out = REPO / "docs" / "results"
     previous = json.loads((out / "scale.json").read_text()) if (out / "scale.json").exists() else []
-    key = lambda r: (r["kind"], r["mode"], r["records"], r["tasks"], r.get("cached", False))
+    key = lambda r: (r["kind"], r["mode"], r["records"], r["tasks"], r.get("cached", False), r.get("steps") or 20)
     new = {key(r) for r in results}
     merged = [r for r in previous if key(r) not in new] + results
     (out / "scale.json").write_text(json.dumps(merged, indent=1) + "\n")
@@ -247,7 +251,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--work", type=Path, default=Path("/tmp/lightning-cit-scale"))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cases", default="all", help="comma list of: load, load4, fit, fit_before (minutes), fit20, quickstart, mc")
+    parser.add_argument("--cases", default="all", help="comma list of: load, load4, fit, fit_before (minutes), fit20, fit20long (with --steps 300: ~10 min), quickstart, mc")
     args = parser.parse_args()
     if args.kind == "load":
         print(json.dumps(child_load(args)))
@@ -273,6 +277,9 @@ def main() -> None:
     if "fit20" in cases:
         files = task_files(work, 10_000, 20)
         results += [run_case("fit", m, files, work) for m in ("before", "after", "after_interval")]
+    if "fit20long" in cases:  # 20 tasks at --steps steps a task: the evaluator's defaults, new and old
+        files = task_files(work, 10_000, 20)
+        results += [run_case("fit", m, files, work, steps=args.steps) for m in ("defaults", "old_defaults")]
     if "mc" in cases:
         results.append(mc_case())
         save([results[-1]])
