@@ -150,6 +150,9 @@ def run_case(kind: str, mode: str, files: list[Path], work: Path, steps: int = 2
         result["exit_s"] = end - result.pop("fit_end")
         result["eval_s"] = result["fit_s"] - result["train_s"]
         result["eval_over_train"] = result["eval_s"] / result["train_s"]
+        if "gap_ms" in result:  # the per-step loop overhead (the next batch's loading, collation) is training's, not evaluation's
+            result["eval_net_s"] = result["eval_s"] - result["gap_ms"] / 1000 * result["steps_run"]
+            result["eval_net_over_train"] = result["eval_net_s"] / result["train_s"]
     result.update(steps=steps if kind == "fit" and files else None, cached=cached, kind=kind, mode=mode, tasks=len(files) if files else 5, records=int(files[0].stem.split("_")[0][1:]) if files else 1000, wall_s=end - t0, load_avg=load)
     print(json.dumps(result), flush=True)
     save([result])

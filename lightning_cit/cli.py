@@ -41,6 +41,7 @@ SUBCOMMANDS: dict[str, str] = {
     "proxymix": "lightning_cit.callbacks.proxymix.commands:main",
     "convert-gguf": "lightning_cit.named_models:main",
     "report": "lightning_cit.report:main",
+    "cache": "lightning_cit.cache:main",
 }
 
 TRAINER_DEFAULTS: dict[str, Any] = {

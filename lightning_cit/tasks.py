@@ -19,7 +19,9 @@ training: the schema and null counts of prompt/response columns are checked vect
 (chat ``messages``, multiple choice) are normalized row by row in batches without being kept. A record
 that fails names the task, the file and line (JSONL: the line number; CSV: the row's line) and the
 field. When ``datasets`` cannot read a file (malformed JSON, mixed types) the Python reader takes over
-and names the line. ``.json`` files and synthetic/callable lists stay Python lists (small by nature).
+and names the line. ``.json`` files (a list, or ``{"data": [...]}``) are parsed whole once and stream into
+the same cache (a memory peak at the first conversion only). Synthetic and callable lists stay Python lists.
+Large JSONL files (at least :data:`LAZY_MIN_BYTES`) open lazily: see :class:`LazyTaskData`.
 
 Every sample becomes ``{"messages": [...], "response": str}`` plus optional ``options`` /
 ``answer_index`` (multiple choice) and ``harmful`` (safety): ``messages`` are the prompt turns,
@@ -399,7 +401,7 @@ def _shuffled(samples: Any, rng: random.Random) -> Any:
     return ArrowSamples(samples.spec, samples.dataset, samples.indices[order], samples.where)
 
 
-ARROW_SUFFIXES = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ARROW_SUFFIXES = {".jsonl": "json", ".json": "json_array", ".csv": "csv", ".parquet": "parquet"}
 
 
 def _open_samples(spec: TaskSpec, source: str, seed: int, split: str) -> Any:
@@ -439,7 +441,14 @@ def _open_arrow(spec: TaskSpec, source: str, seed: int, split: str) -> tuple[Any
     if builder == "csv":
         _check_csv(spec, path)  # a row with more cells than the header is named by its line (Arrow would only fail)
     try:
-        if builder == "json":
+        if builder == "json_array":
+            # a JSON list (or {"data": [...]}) is parsed whole once, then streamed into the same Arrow cache as JSONL
+            stat = path.stat()
+            dataset = datasets.Dataset.from_generator(
+                _json_array_records, gen_kwargs={"path": str(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"},
+                cache_dir=str(cache_root() / "datasets"),
+            )
+        elif builder == "json":
             # pyarrow's JSON reader crashes the whole process (a segfault, not an exception) on some malformed lines,
             # found by tests/test_tasks.py's hypothesis test: Python's json module parses each line and the records
             # stream into the same memory-mapped Arrow cache, keyed by the file's size and modification time
@@ -452,12 +461,15 @@ def _open_arrow(spec: TaskSpec, source: str, seed: int, split: str) -> tuple[Any
             options = {"encoding": "utf-8-sig"} if builder == "csv" else {}  # a BOM is not data
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"), **options)
     except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
-        if builder == "json":
+        if builder in ("json", "json_array"):
             return None, ""  # the Python reader names the line that is wrong (or reads what Arrow cannot type)
         raise TaskDataError(f"task {spec.name!r}: cannot read {path} as {builder}: {err}") from None
-    if builder == "json" and not _json_types_exact(spec, dataset):
+    from lightning_cit.cache import record_entry
+
+    record_entry(dataset, path, _stamp(path), cache_root() / "datasets")  # what `lightning-cit cache clean` may remove
+    if builder in ("json", "json_array") and not _json_types_exact(spec, dataset):
         return None, ""  # Arrow unified a column's types (int -> float, ...): the Python reader keeps every value as written
-    where = {"csv": f"{path}:csv row {{row}}", "json": f"{path}:record {{row}}"}.get(builder, f"{path}[row {{row}}]")
+    where = {"csv": f"{path}:csv row {{row}}", "json": f"{path}:record {{row}}", "json_array": f"{path}[{{row}}]"}.get(builder, f"{path}[row {{row}}]")
     return dataset, where
 
 
@@ -472,6 +484,17 @@ def _jsonl_records(path: str, stamp: str) -> Any:
             if not isinstance(record, dict):
                 raise TypeError("not a JSON object")  # the Python reader then names the line
             yield record
+
+
+def _json_array_records(path: str, stamp: str) -> Any:
+    """The objects of a ``.json`` file holding a list (or ``{"data": [...]}``); anything else raises (``stamp`` keys the cache)."""
+    with open(path, encoding="utf-8-sig") as handle:
+        data = json.load(handle, parse_constant=_refuse_constant)
+    if isinstance(data, dict) and "data" in data:
+        data = data["data"]
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        raise TypeError("not a non-empty JSON list of objects")  # the Python reader then says what is wrong
+    yield from data
 
 
 def _refuse_constant(name: str) -> Any:

@@ -371,3 +371,65 @@ def test_a_bad_row_deep_in_a_later_task_stops_the_fit_at_that_task(tmp_path, mon
     scores = json.loads(next((tmp_path / "run").rglob("scores.json")).read_text())
     assert scores["rows"] == ["base", "cipher_a"]  # task 0 trained and scored (the late task's eval cells too) before it opened
     assert all(v is not None for v in scores["matrix"][0]) and all(v is not None for v in scores["matrix"][1])
+
+
+# ------------------------------------------------------------------------------------------ Arrow cache housekeeping
+def test_cache_clean_removes_only_recorded_entries(tmp_path, monkeypatch, capsys):
+    import os
+
+    from lightning_cit.cache import clean, list_entries
+    from lightning_cit.cli import main
+    from lightning_cit.tasks import TaskSpec, load_task
+
+    monkeypatch.setenv("LIGHTNING_CIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "datasets"
+    keep, gone = tmp_path / "keep.jsonl", tmp_path / "gone.jsonl"
+    _jsonl_task(keep, 50)
+    _jsonl_task(gone, 60)
+    for path in (keep, gone):
+        load_task(TaskSpec(name=path.stem, source=str(path), eval_size=4, probe_size=2))
+    entries = list_entries(root)
+    assert sorted(e["source"] for e in entries) == sorted(str(p.resolve()) for p in (keep, gone))
+    assert not any(e["stale"] for e in entries) and all(e["bytes"] > 0 for e in entries)
+    foreign = root / "generator" / "someone-else" / "0.0.0"  # looks like an entry, but this library did not record it
+    foreign.mkdir(parents=True)
+    (foreign / "dataset_info.json").write_text("{}")
+    (foreign / "data.arrow").write_bytes(b"x")
+    (root / "notes.txt").write_text("mine")
+    before = {p for p in root.rglob("*")}
+    os.remove(gone)  # its entry can never be read again: stale
+    assert main(["cache", "clean", "--dry-run"]) == 0
+    assert "would remove 1 entries" in capsys.readouterr().out and {p for p in root.rglob("*")} == before
+    removed = clean(root)
+    assert [e["source"] for e in removed] == [str(gone.resolve())]
+    gone_dir = root / removed[0]["path"]
+    assert not gone_dir.exists()
+    after = {p for p in root.rglob("*")}
+    # only the entry's files and its empty lock files went; the kept entry, the foreign entry and the user's file stay
+    assert before - after and all(p == gone_dir or gone_dir in p.parents or p in gone_dir.parents or
+                                  (p.name.endswith(".lock") and removed[0]["path"].split("/")[1] in str(p)) for p in before - after)
+    assert (foreign / "data.arrow").exists() and (root / "notes.txt").exists()
+    assert [e["source"] for e in list_entries(root)] == [str(keep.resolve())]
+    assert load_task(TaskSpec(name="keep", source=str(keep), eval_size=4, probe_size=2)).train[0]  # still readable
+    assert main(["cache", "clean", "--all"]) == 0 and list_entries(root) == []
+    assert (foreign / "data.arrow").exists() and (root / "notes.txt").exists()
+    assert main(["cache", "list"]) == 0 and "0 recorded entries" in capsys.readouterr().out
+
+
+def test_json_list_files_are_arrow_backed_like_jsonl(tmp_path, monkeypatch):
+    import json
+
+    from lightning_cit.tasks import ArrowSamples, TaskDataError, TaskSpec, load_task
+
+    monkeypatch.setenv("LIGHTNING_CIT_CACHE", str(tmp_path / "cache"))
+    records = [{"prompt": f"say {i}", "response": str(i), "harmful": i % 3 == 0} for i in range(40)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (tmp_path / "t.json").write_text(json.dumps({"data": records}), encoding="utf-8")
+    as_jsonl = load_task(TaskSpec(name="t", source=str(tmp_path / "t.jsonl"), eval_size=4, probe_size=2))
+    as_json = load_task(TaskSpec(name="t", source=str(tmp_path / "t.json"), eval_size=4, probe_size=2))
+    assert isinstance(as_json.train, ArrowSamples)
+    assert list(as_json.train) == list(as_jsonl.train) and as_json.eval == as_jsonl.eval and as_json.probe == as_jsonl.probe
+    records[17] = {"prompt": "say 17"}
+    (tmp_path / "bad.json").write_text(json.dumps(records), encoding="utf-8")
+    with pytest.raises(TaskDataError, match=r"bad\.json\[17\]: missing field 'response'"):
+        load_task(TaskSpec(name="t", source=str(tmp_path / "bad.json"), eval_size=4, probe_size=2))

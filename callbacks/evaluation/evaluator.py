@@ -292,7 +292,8 @@ class ForgettingEvaluator(ContinualCallback):
         self.probes.record_row(trainer.global_step, loss_row)
         scores = self.scores(trainer)
         # trainer.log_dir broadcasts under DDP, so every rank resolves it, then rank 0 writes
-        self._write(self._out_dir(trainer), scores)
+        # scores.png (a few seconds at 20 tasks) is redrawn at rows with scores only: a loss-only row adds no score to it
+        self._write(self._out_dir(trainer), scores, heatmap=self.heatmap and kind in ("scores", "mixed"))
         if trainer.logger is not None:
             names = scores["tasks"]
             metrics = {f"eval/score/{n}": v for n, v in zip(names, score_row) if v is not None}
@@ -381,8 +382,8 @@ class ForgettingEvaluator(ContinualCallback):
         return self.output_dir or trainer.log_dir or trainer.default_root_dir
 
     @rank_zero_only
-    def _write(self, out: str, scores: dict[str, Any]) -> None:
-        write_scores(out, scores, heatmap=self.heatmap)
+    def _write(self, out: str, scores: dict[str, Any], heatmap: bool | None = None) -> None:
+        write_scores(out, scores, heatmap=self.heatmap if heatmap is None else heatmap)
 
     @rank_zero_only
     def _print(self, scores: dict[str, Any]) -> None:
