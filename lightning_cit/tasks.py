@@ -14,8 +14,8 @@ collector walk per record, before step 1 and again at exit): ``.jsonl`` / ``.csv
 ``datasets`` directories and ``callable:`` sources that return a ``datasets.Dataset`` stay in Arrow,
 memory-mapped (files are converted once into ``$LIGHTNING_CIT_CACHE/datasets``, keyed by the file's
 content fingerprint that ``datasets`` computes). The training split is an :class:`ArrowSamples`: row
-indices into the table, each sample normalized when it is read. Every record is still validated before
-training: the schema and null counts of prompt/response columns are checked vectorized; other layouts
+indices into the table, each sample normalized when it is read. Every record is validated before its
+task trains (before training for files under :data:`LAZY_MIN_BYTES`): the schema and null counts of prompt/response columns are checked vectorized; other layouts
 (chat ``messages``, multiple choice) are normalized row by row in batches without being kept. A record
 that fails names the task, the file and line (JSONL: the line number; CSV: the row's line) and the
 field. When ``datasets`` cannot read a file (malformed JSON, mixed types) the Python reader takes over
