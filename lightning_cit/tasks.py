@@ -221,6 +221,9 @@ class LazyTaskData(TaskData):
     def opened(self) -> bool:
         return self._opened is not None
 
+    def __repr__(self) -> str:  # the dataclass repr would read (open) the training data
+        return f"LazyTaskData(spec={self.spec!r}, metric={self.metric!r}, opened={self.opened})"
+
     @property
     def train(self) -> Any:  # type: ignore[override]
         if self._opened is None:
@@ -277,7 +280,8 @@ def _scan_jsonl(spec: TaskSpec, path: Path) -> tuple[Any, Any, str]:
     """One pass over the bytes: UTF-8 checked per line, ``(record start offsets, their line numbers, sha256)``.
 
     Records are the non-blank lines, numbered as the JSONL readers number them; ``(None, None, "")`` when a
-    line holds a ``\r`` that is not part of ``\r\n`` (text mode would split it there).
+    line holds a ``\\r`` that is not part of ``\\r\\n`` (text mode would split it there). About 0.5 CPU s for
+    1M short lines (a vectorized numpy scan over a memory map measured slower in a fresh process).
     """
     import numpy as np
 
@@ -291,7 +295,7 @@ def _scan_jsonl(spec: TaskSpec, path: Path) -> tuple[Any, Any, str]:
                 raise TaskDataError(
                     f"task {spec.name!r}: {path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8"
                 ) from None
-            if "\r" in text.rstrip("\r\n") or text.endswith("\r"):
+            if "\r" in (text[:-2] if text.endswith("\r\n") else text):  # a '\r' alone ends a line in text mode
                 return None, None, ""
             if lineno == 1:
                 text = text.removeprefix("\ufeff")
