@@ -433,3 +433,28 @@ def test_json_list_files_are_arrow_backed_like_jsonl(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text(json.dumps(records), encoding="utf-8")
     with pytest.raises(TaskDataError, match=r"bad\.json\[17\]: missing field 'response'"):
         load_task(TaskSpec(name="t", source=str(tmp_path / "bad.json"), eval_size=4, probe_size=2))
+
+
+def test_lazy_task_edge_cases(tmp_path, monkeypatch):
+    import os
+
+    from lightning_cit import tasks as tasks_module
+    from lightning_cit.tasks import LazyTaskData, TaskDataError, TaskSpec, check_task, load_task
+
+    monkeypatch.setattr(tasks_module, "LAZY_MIN_BYTES", 1)
+    monkeypatch.setenv("LIGHTNING_CIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "t.jsonl"
+    _jsonl_task(path, 100)
+    spec = TaskSpec(name="t", source=str(path), eval_size=8, probe_size=4)
+    # a '\r' alone ends a line in Python's text mode: such a file is read whole up front, as before
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r", 1))
+    assert not isinstance(check_task(spec), LazyTaskData)
+    _jsonl_task(path, 100)
+    path.write_text("\n\n" + path.read_text(encoding="utf-8").replace("\n", "\r\n\n"), encoding="utf-8")  # blank and CRLF lines
+    lazy = check_task(spec)
+    assert isinstance(lazy, LazyTaskData) and lazy.eval == load_task(spec).eval and "opened=False" in repr(lazy)
+    # a file changed after the start is refused when its task opens
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(TaskDataError, match="changed after the run started"):
+        _ = lazy.train
