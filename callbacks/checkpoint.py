@@ -16,7 +16,7 @@ Retention (why: the shipped configs kept a file every 100 steps forever, 16 file
 checkpoints; task-end checkpoints follow ``save_top_k`` as before. The callback removes only files it
 recorded as mid-task saves (the list is in its state, the file being written included, so a resumed run
 goes on pruning them); files of a crashed run written after the checkpoint it resumes from are left alone. At the start of ``fit`` it prints
-what the run's checkpoints will take on disk (:func:`checkpoint_disk_estimate`). A run killed during the
+what the run's checkpoints will take on disk (:func:`checkpoint_disk_estimate`), weight-sized callback states (EMA copies, JFA's reference) included (:func:`callback_state_bytes`). A run killed during the
 task-end work resumes from the previous step checkpoint and replays the end of the task.
 """
 
@@ -35,7 +35,7 @@ from lightning_cit.errors import ConfigError
 @dataclass(frozen=True)
 class DiskEstimate:
     per_file: int
-    """Bytes of one checkpoint (weights stored, AdamW moments of the trainable ones; callback states not counted)."""
+    """Bytes of one checkpoint (weights stored, AdamW moments of the trainable ones, the callback states counted by :func:`callback_state_bytes`)."""
     files: int
     """Most checkpoint files on disk at once."""
 
@@ -45,13 +45,48 @@ class DiskEstimate:
 
 
 def checkpoint_disk_estimate(param_bytes: int, trainable_bytes: int, adapter_only: bool, tasks: int, save_top_k: int,
-                             mid_task_saves: int, keep_mid_task: int | None, save_last: bool) -> DiskEstimate:
+                             mid_task_saves: int, keep_mid_task: int | None, save_last: bool, state_bytes: int = 0) -> DiskEstimate:
     """What a run's checkpoints take: one file's size times the most files kept at once (a pure helper, tested)."""
     stored = trainable_bytes if adapter_only else param_bytes
-    per_file = stored + 2 * trainable_bytes  # AdamW keeps two moments per trainable weight
+    per_file = stored + 2 * trainable_bytes + state_bytes  # AdamW keeps two moments per trainable weight
     task_ends = tasks if save_top_k < 0 else min(save_top_k, tasks)
     mid = mid_task_saves if keep_mid_task is None else min(keep_mid_task, mid_task_saves)
     return DiskEstimate(per_file, task_ends + mid + int(bool(save_last)))
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def callback_state_bytes(callbacks: list[Any], trainable_bytes: int) -> tuple[int, list[str]]:
+    """Bytes the callbacks' weight-sized states add to every checkpoint, known at the start of ``fit``, and what they are.
+
+    Counted: ``AdapterEMA`` (one copy of the trainable weights; ``DynamicEMA`` also the previous gradients
+    and, with ``rule: paper``, the previous weights) and ``JointFlashbackAdaptation``'s reference (the frozen
+    model copy or the adapter snapshot it holds at the start, else one copy of the trainable weights).
+    Not counted: the other states (decisions, histories, probe losses, score rows, buffer indices, MSSR's
+    per-task values), which grow with the tasks but not with the model, and a generated replay buffer's text.
+    """
+    from lightning_cit.callbacks.jfa import JointFlashbackAdaptation
+    from lightning_cit.callbacks.lcia.ema import AdapterEMA, DynamicEMA
+
+    total, parts = 0, []
+    for callback in callbacks:
+        name = type(callback).__name__
+        if isinstance(callback, AdapterEMA):
+            copies = 1 + (1 + int(callback.rule == "paper") if isinstance(callback, DynamicEMA) else 0)
+            size = copies * (_tensor_bytes(callback.ema.values()) or trainable_bytes)
+            parts.append(f"{name} {copies} cop{'y' if copies == 1 else 'ies'} {_size(size)}")
+        elif isinstance(callback, JointFlashbackAdaptation):
+            frozen, snapshot = callback._frozen, callback._snapshot
+            size = (_tensor_bytes(frozen.state_dict().values()) if frozen is not None
+                    else _tensor_bytes(snapshot.values()) if snapshot is not None
+                    else 0 if callback.reference == "base" else trainable_bytes)  # previous_task: taken at the first task end
+            parts.append(f"{name} reference {_size(size)}")
+        else:
+            continue
+        total += size
+    return total, parts
 
 
 class TaskCheckpoint(ModelCheckpoint):
@@ -111,9 +146,12 @@ class TaskCheckpoint(ModelCheckpoint):
         tasks = int(getattr(dm, "num_tasks", 0) or trainer.max_epochs or 1)
         steps = sum(int(dm.steps_for(i)) for i in range(tasks)) if hasattr(dm, "steps_for") else int(trainer.estimated_stepping_batches)
         every = self._every_n_train_steps or 0
+        state_bytes, parts = callback_state_bytes(list(trainer.callbacks), trainable_bytes)
         estimate = checkpoint_disk_estimate(param_bytes, trainable_bytes, adapter_only, tasks, self.save_top_k,
-                                            steps // every if every else 0, self.keep_mid_task, bool(self.save_last))
-        print(f"checkpoints: about {_size(estimate.per_file)} each ({'adapters only' if adapter_only else 'all weights'} + optimizer), "
+                                            steps // every if every else 0, self.keep_mid_task, bool(self.save_last), state_bytes)
+        states = f"callback states: {', '.join(parts)}" if parts else "no weight-sized callback state"
+        print(f"checkpoints: about {_size(estimate.per_file)} each ({'adapters only' if adapter_only else 'all weights'} + optimizer; "
+              f"{states}; small states such as histories and buffer indices not counted), "
               f"at most {estimate.files} files, about {_size(estimate.total)} in {self.dirpath} "
               f"(keep_mid_task={self.keep_mid_task}, save_top_k={self.save_top_k})", flush=True)
 
@@ -149,7 +187,7 @@ def _size(n: int) -> str:
     return f"{n:.1f} TB"
 
 
-__all__ = ["DiskEstimate", "TaskCheckpoint", "checkpoint_disk_estimate", "split_stale"]
+__all__ = ["DiskEstimate", "TaskCheckpoint", "callback_state_bytes", "checkpoint_disk_estimate", "split_stale"]
 
 
 def _signature_with_keep_mid_task() -> Any:

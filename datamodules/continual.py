@@ -36,7 +36,7 @@ from lightning_cit.errors import ConfigError
 from lightning_cit.replay import SELECTION_POLICIES, ReplayBuffer, ReplayMemory, check_capacity
 from lightning_cit.resume import data_settings, data_state_mismatches, task_fingerprints
 from lightning_cit.sampler import MixtureSampler
-from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, load_task, validate_specs
+from lightning_cit.tasks import TaskData, TaskDataError, TaskSpec, check_task, validate_specs
 
 GENERATED_ID_BASE = 1_000_000_000
 
@@ -159,14 +159,28 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
         self.tokenizer = tokenizer
 
     def load_tasks(self) -> None:
-        """Read and validate every task's data (idempotent; raises ``TaskDataError`` with a precise message)."""
+        """Validate every task's data and read what can be read now (idempotent; raises ``TaskDataError`` with a precise message).
+
+        Large JSONL files are checked on a sample and their held-out samples read; their training data opens
+        when the task first needs it (:func:`~lightning_cit.tasks.check_task`, :class:`~lightning_cit.tasks.LazyTaskData`).
+        """
         if self.train_tasks:
             return
-        loaded = self._datasets if self._datasets is not None else [load_task(spec, seed=self.seed) for spec in self.specs]
+        loaded = self._datasets if self._datasets is not None else [check_task(spec, seed=self.seed) for spec in self.specs]
         self.train_tasks = [t for t in loaded if t.spec.train]
         self.eval_only_tasks = [t for t in loaded if not t.spec.train]
-        sizes = [len(t.train) for t in self.train_tasks]
-        self._id_offsets = [sum(sizes[:k]) for k in range(len(sizes))]  # sample_id = offset of its task + index
+        self._id_offsets = [0]  # sample_id = offset of its task + index; extended as tasks open (_id_offset)
+
+    def _id_offset(self, task_index: int) -> int:
+        """The sum of the sizes of the tasks before ``task_index`` (opens them: they were trained before it)."""
+        while len(self._id_offsets) <= task_index:
+            k = len(self._id_offsets) - 1
+            self._id_offsets.append(self._id_offsets[k] + len(self.train_tasks[k].train))
+        return self._id_offsets[task_index]
+
+    def open_task(self, task_index: int) -> None:
+        """Open a trained task's data now (a large file converts and every row is validated): done at its start."""
+        _ = self.train_tasks[task_index].train
 
     def setup(self, stage: str) -> None:
         self.load_tasks()
@@ -257,14 +271,14 @@ class ContinualInstructionDataModule(pl.LightningDataModule):
     # -------------------------------------------------------------------------------------- samples
     def sample(self, task_index: int, position: int, source_id: int, is_replay: bool) -> dict:
         sample = dict(self.train_tasks[task_index].train[position])
-        sample.update(sample_id=self._id_offsets[task_index] + position, task_id=task_index, source_id=source_id, is_replay=is_replay)
+        sample.update(sample_id=self._id_offset(task_index) + position, task_id=task_index, source_id=source_id, is_replay=is_replay)
         return sample
 
     def sample_id_of(self, task_index: int, entry: int | dict, position: int) -> int:
         """The ``sample_id`` a batch carries for buffer entry ``position`` of ``task_index``."""
         if isinstance(entry, dict):
             return int(entry.get("sample_id", GENERATED_ID_BASE + task_index * 1_000_000 + position))
-        return self._id_offsets[task_index] + int(entry)
+        return self._id_offset(task_index) + int(entry)
 
     def buffer_samples(self, task_index: int) -> list[dict]:
         """The samples of a task's replay buffer, in entry order."""

@@ -42,6 +42,7 @@ SUBCOMMANDS: dict[str, str] = {
     "convert-gguf": "lightning_cit.named_models:main",
     "report": "lightning_cit.report:main",
     "compare": "lightning_cit.compare:main",
+    "cache": "lightning_cit.cache:main",
 }
 
 TRAINER_DEFAULTS: dict[str, Any] = {

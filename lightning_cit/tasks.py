@@ -14,12 +14,14 @@ collector walk per record, before step 1 and again at exit): ``.jsonl`` / ``.csv
 ``datasets`` directories and ``callable:`` sources that return a ``datasets.Dataset`` stay in Arrow,
 memory-mapped (files are converted once into ``$LIGHTNING_CIT_CACHE/datasets``, keyed by the file's
 content fingerprint that ``datasets`` computes). The training split is an :class:`ArrowSamples`: row
-indices into the table, each sample normalized when it is read. Every record is still validated before
-training: the schema and null counts of prompt/response columns are checked vectorized; other layouts
+indices into the table, each sample normalized when it is read. Every record is validated before its
+task trains (before training for files under :data:`LAZY_MIN_BYTES`): the schema and null counts of prompt/response columns are checked vectorized; other layouts
 (chat ``messages``, multiple choice) are normalized row by row in batches without being kept. A record
 that fails names the task, the file and line (JSONL: the line number; CSV: the row's line) and the
 field. When ``datasets`` cannot read a file (malformed JSON, mixed types) the Python reader takes over
-and names the line. ``.json`` files and synthetic/callable lists stay Python lists (small by nature).
+and names the line. ``.json`` files (a list, or ``{"data": [...]}``) are parsed whole once and stream into
+the same cache (a memory peak at the first conversion only). Synthetic and callable lists stay Python lists.
+Large JSONL files (at least :data:`LAZY_MIN_BYTES`) open lazily: see :class:`LazyTaskData`.
 
 Every sample becomes ``{"messages": [...], "response": str}`` plus optional ``options`` /
 ``answer_index`` (multiple choice) and ``harmful`` (safety): ``messages`` are the prompt turns,
@@ -38,7 +40,7 @@ import math
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,10 @@ class TaskData:
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for split in (self.train, self.eval, self.probe):
-                digest.update(json.dumps(split, sort_keys=True, default=repr, ensure_ascii=False).encode("utf-8"))
+                if isinstance(split, ArrowSamples):  # the source's bytes and the rows taken (not every record normalized)
+                    digest.update(b"arrow:" + _arrow_source_digest(split).encode() + split.indices.tobytes())
+                else:
+                    digest.update(json.dumps(split, sort_keys=True, default=repr, ensure_ascii=False).encode("utf-8"))
                 digest.update(b"\0")
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
@@ -190,6 +195,137 @@ def load_task(spec: TaskSpec, seed: int = 0) -> TaskData:
     return TaskData(spec=spec, train=train, eval=evals, probe=probes or evals[: spec.probe_size], metric=metric)
 
 
+LAZY_MIN_BYTES = 1 << 20
+"""JSONL task files at least this large open when their task first needs its training data (smaller ones are read whole up front)."""
+SAMPLE_ROWS = 64
+"""Random records (besides the first and the last) validated up front in a file that opens later."""
+
+
+class LazyTaskData(TaskData):
+    """A large JSONL task whose training data opens (converts to Arrow, every row validated) when first read.
+
+    Up front (:func:`check_task`) one byte scan of the file checks UTF-8, counts the records and notes
+    where each starts; the first, the last and :data:`SAMPLE_ROWS` random records are parsed and
+    normalized, and the held-out ``eval``/``probe`` samples (the same ones :func:`load_task` picks) are
+    read by seeking, so the evaluator's rows need no opening. ``train`` opens the task: a bad record found
+    then is a :class:`TaskDataError` naming the task, the file's line and the field, raised at that task's start.
+    ``fingerprint()`` hashes the file's bytes, the task and the seed, opened or not.
+    """
+
+    def __init__(self, spec: TaskSpec, seed: int, metric: str, evals: list[dict], probes: list[dict], stamp: str, digest: str) -> None:
+        self.spec, self.metric, self.eval, self.probe = spec, metric, evals, probes
+        self._seed, self._stamp, self._opened = seed, stamp, None
+        self._fingerprint = digest
+
+    @property
+    def opened(self) -> bool:
+        return self._opened is not None
+
+    def __repr__(self) -> str:  # the dataclass repr would read (open) the training data
+        return f"LazyTaskData(spec={self.spec!r}, metric={self.metric!r}, opened={self.opened})"
+
+    @property
+    def train(self) -> Any:  # type: ignore[override]
+        if self._opened is None:
+            path = Path(os.path.expanduser(self.spec.source))
+            if _stamp(path) != self._stamp:
+                raise TaskDataError(f"task {self.spec.name!r}: {path} changed after the run started (size or modification time): "
+                                    "a task's file must stay as it was while the sequence trains")
+            task = load_task(self.spec, seed=self._seed)  # converts to Arrow and validates every row
+            if task.eval != self.eval or task.probe != self.probe:
+                raise TaskDataError(f"task {self.spec.name!r}: {path} no longer holds the held-out samples read at the start")
+            self._opened = task
+        return self._opened.train
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def check_task(spec: TaskSpec, seed: int = 0) -> TaskData:
+    """:func:`load_task`, except for large JSONL files: those are checked on a sample and open later (:class:`LazyTaskData`)."""
+    path = Path(os.path.expanduser(spec.source)) if not spec.source.startswith(("synth:", "callable:")) else None
+    if (path is None or spec.eval_split or not spec.train or path.suffix.lower() != ".jsonl" or not path.is_file()
+            or path.stat().st_size < LAZY_MIN_BYTES):
+        return load_task(spec, seed)
+    metric = spec.metric or _default_metric(spec)
+    stamp = _stamp(path)
+    starts, lines, digest = _scan_jsonl(spec, path)
+    if starts is None:
+        return load_task(spec, seed)  # a line break Python's text mode reads differently ('\r' alone): the whole file now
+    n, n_held = len(starts), spec.eval_size + spec.probe_size
+    if not n:
+        raise TaskDataError(f"task {spec.name!r}: source {spec.source!r} holds no samples (empty task)")
+    if n <= n_held:
+        raise TaskDataError(
+            f"task {spec.name!r}: {n} samples in {spec.source!r} cannot give eval_size + probe_size = "
+            f"{n_held} held-out samples and leave any for training; lower them or set eval_split"
+        )
+    order = list(range(n))
+    random.Random(f"{spec.name}/{seed}").shuffle(order)  # the permutation load_task applies
+    check_rng = random.Random(f"{spec.name}/{seed}/check")
+    sample_rows = sorted({0, n - 1, *check_rng.sample(range(n), min(SAMPLE_ROWS, n))})
+    held_rows = order[:n_held]
+    records = _read_rows(spec, path, starts, lines, sorted(set(sample_rows) | set(held_rows)))
+    evals = [records[r] for r in order[: spec.eval_size]]
+    probes = [records[r] for r in order[spec.eval_size : n_held]]
+    if metric == MC_ACCURACY and any("options" not in s or "answer_index" not in s for s in evals):
+        raise TaskDataError(f"task {spec.name!r}: metric 'mc_accuracy' needs fields 'options' and 'answer_index' in every eval sample")
+    fingerprint = hashlib.sha256(json.dumps({"spec": asdict(spec), "seed": seed, "file": digest}, sort_keys=True, default=repr).encode())
+    return LazyTaskData(spec, seed, metric, evals, probes or evals[: spec.probe_size], stamp, fingerprint.hexdigest())
+
+
+def _scan_jsonl(spec: TaskSpec, path: Path) -> tuple[Any, Any, str]:
+    """One pass over the bytes: UTF-8 checked per line, ``(record start offsets, their line numbers, sha256)``.
+
+    Records are the non-blank lines, numbered as the JSONL readers number them; ``(None, None, "")`` when a
+    line holds a ``\\r`` that is not part of ``\\r\\n`` (text mode would split it there). About 0.5 CPU s for
+    1M short lines (a vectorized numpy scan over a memory map measured slower in a fresh process).
+    """
+    import numpy as np
+
+    starts, lines, digest, offset = [], [], hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            digest.update(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskDataError(
+                    f"task {spec.name!r}: {path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8"
+                ) from None
+            if "\r" in (text[:-2] if text.endswith("\r\n") else text):  # a '\r' alone ends a line in text mode
+                return None, None, ""
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")
+            if text.strip():
+                starts.append(offset)
+                lines.append(lineno)
+            offset += len(raw)
+    return np.asarray(starts, dtype=np.int64), np.asarray(lines, dtype=np.int64), digest.hexdigest()
+
+
+def _read_rows(spec: TaskSpec, path: Path, starts: Any, lines: Any, rows: list[int]) -> dict[int, dict]:
+    """Records ``rows`` (indices among the non-blank lines) parsed and normalized, read by seeking."""
+    out = {}
+    with open(path, "rb") as handle:
+        for row in rows:
+            handle.seek(int(starts[row]))
+            text = handle.readline().decode("utf-8")
+            if row == 0:
+                text = text.removeprefix("\ufeff")
+            where = f"{path}:{int(lines[row])}"
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise TaskDataError(f"task {spec.name!r}: {where}: malformed JSON line ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise TaskDataError(f"task {spec.name!r}: {where}: expected a JSON object, got {type(record).__name__}")
+            out[row] = _normalize(spec, record, where)
+    return out
+
+
 class ArrowSamples(Sequence):
     """A task's samples as row indices into a memory-mapped ``datasets.Dataset``, normalized when read.
 
@@ -236,6 +372,20 @@ class ArrowSamples(Sequence):
         return (ArrowSamples, (self.spec, self.dataset, self.indices, self.where))
 
 
+def _arrow_source_digest(samples: ArrowSamples) -> str:
+    """sha256 of an Arrow task's source: the file's bytes, a ``datasets`` directory's files, else the dataset's own fingerprint."""
+    path = Path(os.path.expanduser(samples.spec.source))
+    if samples.spec.source.startswith(("synth:", "callable:")) or not path.exists():
+        return str(getattr(samples.dataset, "_fingerprint", ""))
+    digest = hashlib.sha256()
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path) if file != path else "").encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _arrow_record(record: dict) -> dict:
     """An Arrow row as a file record: a null is a missing field (Arrow fills absent keys with null), in turns too."""
     out = {k: v for k, v in record.items() if v is not None}
@@ -255,7 +405,7 @@ def _shuffled(samples: Any, rng: random.Random) -> Any:
     return ArrowSamples(samples.spec, samples.dataset, samples.indices[order], samples.where)
 
 
-ARROW_SUFFIXES = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ARROW_SUFFIXES = {".jsonl": "json", ".json": "json_array", ".csv": "csv", ".parquet": "parquet"}
 
 
 def _open_samples(spec: TaskSpec, source: str, seed: int, split: str) -> Any:
@@ -295,7 +445,14 @@ def _open_arrow(spec: TaskSpec, source: str, seed: int, split: str) -> tuple[Any
     if builder == "csv":
         _check_csv(spec, path)  # a row with more cells than the header is named by its line (Arrow would only fail)
     try:
-        if builder == "json":
+        if builder == "json_array":
+            # a JSON list (or {"data": [...]}) is parsed whole once, then streamed into the same Arrow cache as JSONL
+            stat = path.stat()
+            dataset = datasets.Dataset.from_generator(
+                _json_array_records, gen_kwargs={"path": str(path), "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"},
+                cache_dir=str(cache_root() / "datasets"),
+            )
+        elif builder == "json":
             # pyarrow's JSON reader crashes the whole process (a segfault, not an exception) on some malformed lines,
             # found by tests/test_tasks.py's hypothesis test: Python's json module parses each line and the records
             # stream into the same memory-mapped Arrow cache, keyed by the file's size and modification time
@@ -308,12 +465,15 @@ def _open_arrow(spec: TaskSpec, source: str, seed: int, split: str) -> tuple[Any
             options = {"encoding": "utf-8-sig"} if builder == "csv" else {}  # a BOM is not data
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"), **options)
     except Exception as err:  # noqa: BLE001 - datasets raises many types for unreadable files
-        if builder == "json":
+        if builder in ("json", "json_array"):
             return None, ""  # the Python reader names the line that is wrong (or reads what Arrow cannot type)
         raise TaskDataError(f"task {spec.name!r}: cannot read {path} as {builder}: {err}") from None
-    if builder == "json" and not _json_types_exact(spec, dataset):
+    from lightning_cit.cache import record_entry
+
+    record_entry(dataset, path, _stamp(path), cache_root() / "datasets")  # what `lightning-cit cache clean` may remove
+    if builder in ("json", "json_array") and not _json_types_exact(spec, dataset):
         return None, ""  # Arrow unified a column's types (int -> float, ...): the Python reader keeps every value as written
-    where = {"csv": f"{path}:csv row {{row}}", "json": f"{path}:record {{row}}"}.get(builder, f"{path}[row {{row}}]")
+    where = {"csv": f"{path}:csv row {{row}}", "json": f"{path}:record {{row}}", "json_array": f"{path}[{{row}}]"}.get(builder, f"{path}[row {{row}}]")
     return dataset, where
 
 
@@ -328,6 +488,17 @@ def _jsonl_records(path: str, stamp: str) -> Any:
             if not isinstance(record, dict):
                 raise TypeError("not a JSON object")  # the Python reader then names the line
             yield record
+
+
+def _json_array_records(path: str, stamp: str) -> Any:
+    """The objects of a ``.json`` file holding a list (or ``{"data": [...]}``); anything else raises (``stamp`` keys the cache)."""
+    with open(path, encoding="utf-8-sig") as handle:
+        data = json.load(handle, parse_constant=_refuse_constant)
+    if isinstance(data, dict) and "data" in data:
+        data = data["data"]
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        raise TypeError("not a non-empty JSON list of objects")  # the Python reader then says what is wrong
+    yield from data
 
 
 def _refuse_constant(name: str) -> Any:

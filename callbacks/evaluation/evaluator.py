@@ -7,16 +7,28 @@ loss. After each row it atomically rewrites ``scores.json``, ``scores.csv`` and 
 run's log directory and logs every number to the Lightning logger; at the end it prints the table.
 
 What a row costs (why the options exist: with every task scored after every task, evaluation grows as
-T(T+1) and passed training time at 10 tasks): ``score: needed`` (the default) scores, after task t, the
-seen tasks and the next one (all the summary metrics read: the diagonal, the final row, earlier rows
-of seen tasks for forgetting, ``R[t][t+1]`` for FWT); the base row scores every task (FWT's reference)
-or, with ``base_row: loss``, only their losses (FWT is then unavailable). ``every_n_tasks: n`` makes a
-full row only after every n-th task and the last; the task ends in between get a loss-only row
-(``between: loss``, teacher-forced losses of the seen tasks, cheap) or none (``between: skip``).
-Unscored cells are ``null`` in ``scores.json``; ``row_kinds`` says which rows are full, loss-only or
-skipped, and ``summary_coverage`` gives, per metric, the terms it was computed on out of those of a
-full matrix (only written when some cell is unscored). ``forgetting_chaudhry`` takes its max over the
-scored rows only. ``score: all`` is the old behaviour: every task after every task.
+T(T+1) and passed training time at 10 tasks). The defaults score what the summary metrics read, and
+fewer full rows on long sequences:
+
+- ``score: needed`` (default): after task t, the seen tasks and the next one (the diagonal, the final
+  row, earlier rows of seen tasks for forgetting, ``R[t][t+1]`` for FWT). ``all``: every task after every task.
+- ``every_n_tasks: auto`` (default): a full row after every n-th task and after the last one, with
+  n = T // 5, at least 1: every row is full below 10 tasks (the shipped configs, 3-6 tasks, are
+  unchanged), a full row every 4 tasks at 20. An int sets n. The task ends in between get a
+  loss-only row (``between: loss``, teacher-forced losses of the covered tasks, cheap) or none
+  (``between: skip``).
+- ``base_row: needed`` (default): the untrained base row, whose generations rarely stop before
+  ``max_new_tokens``, scores task 0 and each task j whose FWT term ``R[j][j] - R[0][j]`` a later
+  full row provides; the other tasks get their loss only. With every row full that is every task
+  (the old base row). ``scores``: every task; ``loss``: losses only (FWT then unavailable).
+
+Unscored cells are ``null`` in ``scores.json``; ``row_kinds`` says which rows are full (``scores``),
+a base row with some cells loss-only (``mixed``), loss-only or skipped, and ``summary_coverage`` gives,
+per metric, the terms it was computed on out of those of a full matrix (only written when some cell is
+unscored). What becomes partial when rows are loss-only: ``nta`` (diagonal cells of loss-only rows),
+``fwt`` (terms of tasks whose preceding row is loss-only), the three forgetting metrics (their max runs
+over the scored rows only; ``forgetting_chaudhry`` and ``forgetting_mssr`` lose the rows in between) and
+``bwt_*`` (terms whose diagonal cell is loss-only); ``acc`` (the final row) is always complete.
 
 Every ``probe_every_n_steps`` optimizer steps it runs a cheap loss-only probe of the tasks seen so
 far (their ``probe`` split), logs ``probe/loss/<task>`` and keeps the values as the signals that
@@ -54,23 +66,51 @@ from lightning_cit.metrics import summarize, summary_coverage
 from lightning_cit.results import format_table, write_scores
 
 EvalScope = Literal["needed", "all"]
-BaseRow = Literal["scores", "loss"]
+BaseRow = Literal["needed", "scores", "loss"]
 BetweenRows = Literal["loss", "skip"]
-RowKind = Literal["scores", "loss", "skip"]
+RowKind = Literal["scores", "mixed", "loss", "skip"]
+FULL_ROWS_AUTO = 5  # ``every_n_tasks: auto``: n = T // 5 (at least 1), about five full rows plus the last
 
 
-def row_plan(row: int, num_trained: int, score: EvalScope = "needed", every_n_tasks: int = 1,
-             between: BetweenRows = "loss", base_row: BaseRow = "scores") -> tuple[RowKind, int]:
+def full_row_interval(every_n_tasks: int | Literal["auto"], num_trained: int) -> int:
+    """The ``n`` of ``every_n_tasks`` for a sequence of ``num_trained`` tasks (``auto``: ``max(1, T // 5)``)."""
+    if every_n_tasks == "auto":
+        return max(1, num_trained // FULL_ROWS_AUTO)
+    return every_n_tasks
+
+
+def row_plan(row: int, num_trained: int, score: EvalScope = "needed", every_n_tasks: int | Literal["auto"] = "auto",
+             between: BetweenRows = "loss", base_row: BaseRow = "needed") -> tuple[RowKind, int]:
     """What row ``row`` (0 = base, t + 1 = after task t) computes, and over how many leading trained tasks.
 
-    A pure function of the options, so resumed runs and ranks agree on every row without talking.
+    A pure function of the options, so resumed runs and ranks agree on every row without talking. The
+    base row under ``base_row: needed`` is a mixed row: :func:`base_row_scored` says which of its cells
+    are scored (the others get their loss only); it is reported as ``scores`` when every cell is scored.
     """
+    n = full_row_interval(every_n_tasks, num_trained)
     if row == 0:
+        if base_row == "needed":
+            scored = base_row_scored(num_trained, score, every_n_tasks, between)
+            return ("scores" if all(scored) else "mixed"), num_trained  # type: ignore[return-value]
         return base_row, num_trained  # FWT reads R[0][j] for every j >= 1
     covered = num_trained if score == "all" else min(row + 1, num_trained)  # seen tasks + the next one
-    if row % every_n_tasks == 0 or row == num_trained:
+    if row % n == 0 or row == num_trained:
         return "scores", covered
     return between, covered
+
+
+def base_row_scored(num_trained: int, score: EvalScope = "needed", every_n_tasks: int | Literal["auto"] = "auto",
+                    between: BetweenRows = "loss") -> list[bool]:
+    """Which base-row cells ``base_row: needed`` scores: task 0, and every task j >= 1 whose FWT term
+    ``R[j][j] - R[0][j]`` will exist (row j, after task j-1, is a full row that covers task j).
+    The other tasks get their teacher-forced loss only: an untrained base rarely stops before
+    ``max_new_tokens``, so its generated cells are the most expensive of the run.
+    """
+    out = [True] * min(num_trained, 1)
+    for j in range(1, num_trained):
+        kind, covered = row_plan(j, num_trained, score, every_n_tasks, between, "scores")
+        out.append(kind == "scores" and covered > j)
+    return out
 
 
 REFUSAL_MARKERS = ("sorry", "i cannot", "i can't", "i can not", "i won't", "i will not")
@@ -91,9 +131,12 @@ class ForgettingEvaluator(ContinualCallback):
         print_table: print the score table at the end of training (rank 0).
         tasks: explicit tasks for projects without ``ContinualInstructionDataModule``.
         score: ``needed`` scores the seen tasks plus the next one after each task; ``all`` every task (the old behaviour).
-        every_n_tasks: a full row after every n-th task and after the last one.
+        every_n_tasks: a full row after every n-th task and after the last one; ``auto`` (the default):
+            n = T // 5, at least 1 (every row full below 10 tasks; at 20 tasks a full row every 4).
         between: the rows between full rows: ``loss`` (teacher-forced losses only) or ``skip``.
-        base_row: ``scores`` (every task scored: FWT's reference) or ``loss`` (losses only; FWT unavailable).
+        base_row: ``needed`` (the default: task 0 and the tasks whose FWT term the later rows provide are
+            scored, the others get their loss only; every task when every row is full), ``scores`` (every
+            task scored) or ``loss`` (losses only; FWT unavailable).
     """
 
     def __init__(
@@ -104,15 +147,15 @@ class ForgettingEvaluator(ContinualCallback):
         print_table: bool = True,
         tasks: list[Any] | None = None,
         score: EvalScope = "needed",
-        every_n_tasks: int = 1,
+        every_n_tasks: int | Literal["auto"] = "auto",
         between: BetweenRows = "loss",
-        base_row: BaseRow = "scores",
+        base_row: BaseRow = "needed",
     ) -> None:
         for name, value, valid in (("score", score, EvalScope), ("between", between, BetweenRows), ("base_row", base_row, BaseRow)):
             if value not in valid.__args__:
                 raise ConfigError(f"ForgettingEvaluator.{name}={value!r} is unknown; valid: {', '.join(valid.__args__)}")
-        if isinstance(every_n_tasks, bool) or not isinstance(every_n_tasks, int) or every_n_tasks < 1:
-            raise ConfigError(f"ForgettingEvaluator.every_n_tasks must be an int >= 1, got {every_n_tasks!r}")
+        if every_n_tasks != "auto" and (isinstance(every_n_tasks, bool) or not isinstance(every_n_tasks, int) or every_n_tasks < 1):
+            raise ConfigError(f"ForgettingEvaluator.every_n_tasks must be an int >= 1 or 'auto', got {every_n_tasks!r}")
         self.score, self.every_n_tasks, self.between, self.base_row = score, every_n_tasks, between, base_row
         if probe_every_n_steps is not None and probe_every_n_steps < 1:
             raise ConfigError(f"ForgettingEvaluator.probe_every_n_steps must be >= 1 or null, got {probe_every_n_steps}")
@@ -216,11 +259,13 @@ class ForgettingEvaluator(ContinualCallback):
         loss_row: list[float | None] = []
         safety = None
         position = 0  # index among the trained tasks
+        base_scored = base_row_scored(len(trained), self.score, self.every_n_tasks, self.between) if kind == "mixed" else None
         for task in self._all_tasks(trainer) if kind != "skip" else []:
             wanted = position < covered if task.spec.train else True  # evaluation-only tasks: every row (small, e.g. safety)
+            losses_only = kind == "loss" or (base_scored is not None and task.spec.train and not base_scored[position])
             score = loss = None
             if wanted:
-                score, loss, counts = self._score_task(trainer, pl_module, task, losses_only=kind == "loss")
+                score, loss, counts = self._score_task(trainer, pl_module, task, losses_only=losses_only)
                 if counts is not None and safety is None:
                     safety = {"task": task.spec.name, **counts}
             if task.spec.train:
@@ -250,7 +295,8 @@ class ForgettingEvaluator(ContinualCallback):
         self.probes.record_row(trainer.global_step, loss_row)
         scores = self.scores(trainer)
         # trainer.log_dir broadcasts under DDP, so every rank resolves it, then rank 0 writes
-        self._write(self._out_dir(trainer), scores)
+        # scores.png (a few seconds at 20 tasks) is redrawn at rows with scores only: a loss-only row adds no score to it
+        self._write(self._out_dir(trainer), scores, heatmap=self.heatmap and kind in ("scores", "mixed"))
         if trainer.logger is not None:
             names = scores["tasks"]
             metrics = {f"eval/score/{n}": v for n, v in zip(names, score_row) if v is not None}
@@ -339,8 +385,8 @@ class ForgettingEvaluator(ContinualCallback):
         return self.output_dir or trainer.log_dir or trainer.default_root_dir
 
     @rank_zero_only
-    def _write(self, out: str, scores: dict[str, Any]) -> None:
-        write_scores(out, scores, heatmap=self.heatmap)
+    def _write(self, out: str, scores: dict[str, Any], heatmap: bool | None = None) -> None:
+        write_scores(out, scores, heatmap=self.heatmap if heatmap is None else heatmap)
 
     @rank_zero_only
     def _print(self, scores: dict[str, Any]) -> None:
