@@ -117,7 +117,7 @@ def test_lcia_grouping_reuses_a_mappings_group_and_separates_the_mappings():
     across = [grouping.group_similarity(sets[a], sets[b]) for a in ("para_a1", "para_a2") for b in ("para_b1", "para_b2")]
     assert min(same) >= 0.5 > max(across)
     # cit-synth's own cipher instructions are one group (the one-letter key is dropped by TF-IDF): the reason for new wording
-    assert grouping.group_similarity(grouping.instructions(synth.generate("cipher_a", 50)), grouping.instructions(synth.generate("cipher_b", 50))) == 1.0
+    assert grouping.group_similarity(grouping.instructions(synth.generate("cipher_a", 50)), grouping.instructions(synth.generate("cipher_b", 50))) == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -141,7 +141,9 @@ def test_settings_compose(name):
     quick = resolve_config([*SETTINGS[name], "configs/compare/quick.yaml"])
     assert quick["data"]["steps_per_task"] < config["data"]["steps_per_task"]
     assert [t["name"] for t in quick["data"]["tasks"]] == [t["name"] for t in config["data"]["tasks"]]
-    assert all(t["eval_size"] <= 16 for t in quick["data"]["tasks"])
+    assert quick["data"]["global_batch_size"] < config["data"]["global_batch_size"]
+    assert quick["trainer"]["callbacks"] == config["trainer"]["callbacks"]  # the method's callbacks stay
+    assert not any(t.get("steps") for t in config["data"]["tasks"])  # else quick's steps_per_task would not apply
 
 
 def test_paraphrase_setting_runs_the_paraphrase_sequence_with_lcia():
