@@ -152,3 +152,9 @@ def test_paraphrase_setting_runs_the_paraphrase_sequence_with_lcia():
     callbacks = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]}
     assert callbacks["InstructionGrouping"]["threshold"] == 0.5
     assert callbacks["DynamicEMA"]["when"] == "reused_group"
+
+
+def test_quick_never_shares_a_directory_with_a_full_size_run():
+    for configs in SETTINGS.values():
+        assert resolve_config([*configs, "configs/compare/quick.yaml"])["trainer"]["default_root_dir"] == "runs/compare/quick"
+        assert resolve_config(configs)["trainer"]["default_root_dir"] != "runs/compare/quick"
