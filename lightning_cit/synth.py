@@ -25,17 +25,17 @@ Two more families, for sequences with other kinds of interference (``docs/result
 task barely touches the inputs an earlier one needed (what remains shared is the output alphabet and the
 model's weights):
 
-================== ======================================== ============== ===================================
-name               what the model must do                   metric         input distribution
-================== ======================================== ============== ===================================
-disjoint_caps      map 5 capitals K..T to lowercase a..j    edit_similarity "Lower the capitals: KQTMR"
-                   (a fixed permutation)
-disjoint_digits    add 3 to each of 4 digits (mod 10)       edit_similarity "Add three to each digit: 0193"
-disjoint_symbols   name each of 4 symbols with a letter     edit_similarity "Name the symbols: #%=@" (10 symbols,
-                   u..z, U..X (a fixed table)                               none of them ':' or '?')
-disjoint_parity    say whether a 2-digit number is odd or   exact_match    "Parity of 47" (10..99)
-                   even
-================== ======================================== ============== ===================================
+================ ======================================== =============== ==================================
+name             what the model must do                   metric          input (own alphabet and format)
+================ ======================================== =============== ==================================
+disjoint_caps    map 5 capitals K..T to lowercase a..j    edit_similarity ``Lower the capitals: KQTMR``
+                 (a fixed permutation)
+disjoint_digits  add 3 to each of 4 digits (mod 10)       edit_similarity ``Add three to each digit: 0193``
+disjoint_symbols name each of 4 symbols (``!#$%&*+=@^``,  edit_similarity ``Name the symbols: #%=@``
+                 no ``:`` or ``?``) by a letter u..z, U..X
+disjoint_parity  say whether a number 10..99 is odd or    exact_match     ``Parity of 47``
+                 even
+================ ======================================== =============== ==================================
 
 **cit-synth-paraphrase**: two mappings (cipher A and cipher B of the table above), each asked by two sets of
 differently worded instructions (three templates per set, picked at random per sample); the sets of one
@@ -44,18 +44,18 @@ mapping's, so LCIA's instruction grouping (TF-IDF, ``instruction_pattern: "^[^:?
 ``para_a1``'s group and ``para_b2`` in ``para_b1``'s (mean pairwise cosine 0.69 within a mapping, at most
 0.03 across):
 
-========== ============================================================ ===============
-name       instructions (before ``": <word>"``)                         mapping
-========== ============================================================ ===============
-para_a1    Encode the word in lunar code / Write this word in lunar      cipher A
+========== ============================================================== ========
+name       instructions (before ``: <word>``)                             mapping
+========== ============================================================== ========
+para_a1    Encode the word in lunar code / Write this word in lunar       cipher A
            code / Translate the word into lunar code
-para_a2    Give the lunar code of this word / Spell the word using       cipher A
+para_a2    Give the lunar code of this word / Spell the word using        cipher A
            lunar code / Lunar code for the word
-para_b1    Encipher the string in solar script / Rewrite this string in  cipher B
+para_b1    Encipher the string in solar script / Rewrite this string in   cipher B
            solar script / Convert the string into solar script
-para_b2    Give the solar script of this string / Spell the string       cipher B
+para_b2    Give the solar script of this string / Spell the string        cipher B
            using solar script / Solar script for the string
-========== ============================================================ ===============
+========== ============================================================== ========
 
 The tokenizer is character level (:func:`build_char_tokenizer`): one token per character plus chat
 role markers, built with the ``tokenizers`` library and wrapped as a Hugging Face fast tokenizer with
