@@ -30,7 +30,7 @@ name             what the model must do                   metric          input 
 ================ ======================================== =============== ==================================
 disjoint_caps    map 5 capitals K..T to lowercase a..j    edit_similarity ``Lower the capitals: KQTMR``
                  (a fixed permutation)
-disjoint_digits  add 3 to each of 4 digits (mod 10)       edit_similarity ``Add three to each digit: 0193``
+disjoint_digits  spell each of 4 digits by a letter k..t   edit_similarity ``Spell the digits: 0193``
 disjoint_symbols name each of 4 symbols (``!#$%&*+=@^``,  edit_similarity ``Name the symbols: #%=@``
                  no ``:`` or ``?``) by a letter u..z, U..X
 disjoint_parity  say whether a number 10..99 is odd or    exact_match     ``Parity of 47``
@@ -137,6 +137,7 @@ CAPITALS = "KLMNOPQRST"
 SYMBOLS = "!#$%&*+=@^"  # no ':' or '?': instruction patterns split prompts there
 _CAPS_TABLE = dict(zip(CAPITALS, "".join(random.Random(11).sample(ALPHABET, len(ALPHABET)))))
 _SYMBOL_TABLE = dict(zip(SYMBOLS, "uvwxyzUVWX"))
+_DIGIT_TABLE = dict(zip(string.digits, "".join(random.Random(12).sample("klmnopqrst", 10))))
 
 
 def _disjoint_caps(rng: random.Random) -> dict:
@@ -146,7 +147,7 @@ def _disjoint_caps(rng: random.Random) -> dict:
 
 def _disjoint_digits(rng: random.Random) -> dict:
     digits = "".join(rng.choice(string.digits) for _ in range(4))
-    return {"prompt": f"Add three to each digit: {digits}", "response": "".join(str((int(d) + 3) % 10) for d in digits)}
+    return {"prompt": f"Spell the digits: {digits}", "response": "".join(_DIGIT_TABLE[d] for d in digits)}
 
 
 def _disjoint_symbols(rng: random.Random) -> dict:

@@ -78,19 +78,21 @@ def test_disjoint_tasks_draw_from_their_own_alphabets():
 
 
 def test_disjoint_answers():
-    for s in synth.generate("disjoint_digits", 100):
-        assert s["response"] == "".join("0123456789"[(int(d) + 3) % 10] for d in _input(s))
     for s in synth.generate("disjoint_parity", 100):
         number = int(_input(s))
         assert 10 <= number <= 99 and s["response"] == ("even" if number % 2 == 0 else "odd")
     # caps and symbols: one fixed bijection per task (each input letter always gets the same output letter)
-    for name in ("disjoint_caps", "disjoint_symbols"):
+    outputs = {}
+    for name in ("disjoint_caps", "disjoint_digits", "disjoint_symbols"):
         table: dict[str, str] = {}
         for s in synth.generate(name, 500):
             assert len(s["response"]) == len(_input(s))
             for x, y in zip(_input(s), s["response"]):
                 assert table.setdefault(x, y) == y
         assert len(table) == 10 and len(set(table.values())) == 10
+        outputs[name] = set(table.values())
+    assert outputs["disjoint_caps"] == set("abcdefghij") and outputs["disjoint_digits"] == set("klmnopqrst")
+    assert outputs["disjoint_symbols"] == set("uvwxyzUVWX")  # the output alphabets are disjoint too
     assert synth.generate("disjoint_caps", 1, seed=0)[0] == {"prompt": "Lower the capitals: MKNKL", "response": "jhdhi"}
 
 
