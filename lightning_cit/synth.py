@@ -19,6 +19,44 @@ compare    pick the larger of two numbers (option A or B)   mc_accuracy      mul
 echo       repeat the word (general pre-training mix)       exact_match      aligned base only
 ========== =============================================== ================ =====================
 
+Two more families, for sequences with other kinds of interference (``docs/results/compare-settings.md``):
+
+**cit-synth-disjoint**: every task draws its inputs from its *own* alphabet, length and format, so a later
+task barely touches the inputs an earlier one needed (what remains shared is the output alphabet and the
+model's weights):
+
+================ ======================================== =============== ==================================
+name             what the model must do                   metric          input (own alphabet and format)
+================ ======================================== =============== ==================================
+disjoint_caps    map 5 capitals K..T to lowercase a..j    edit_similarity ``Lower the capitals: KQTMR``
+                 (a fixed permutation)
+disjoint_digits  spell each of 4 digits by a letter k..t   edit_similarity ``Spell the digits: 0193``
+disjoint_symbols name each of 4 symbols (``!#$%&*+=@^``,  edit_similarity ``Name the symbols: #%=@``
+                 no ``:`` or ``?``) by a letter u..z, U..X
+disjoint_parity  say whether a number 10..99 is odd or    exact_match     ``Parity of 47``
+                 even
+================ ======================================== =============== ==================================
+
+**cit-synth-paraphrase**: two mappings (cipher A and cipher B of the table above), each asked by two sets of
+differently worded instructions (three templates per set, picked at random per sample); the sets of one
+mapping share its key words ("lunar code" for A, "solar script" for B) and nothing with the other
+mapping's, so LCIA's instruction grouping (TF-IDF, ``instruction_pattern: "^[^:?]*"``) puts ``para_a2`` in
+``para_a1``'s group and ``para_b2`` in ``para_b1``'s (mean pairwise cosine 0.69 within a mapping, at most
+0.03 across):
+
+========== ============================================================== ========
+name       instructions (before ``: <word>``)                             mapping
+========== ============================================================== ========
+para_a1    Encode the word in lunar code / Write this word in lunar       cipher A
+           code / Translate the word into lunar code
+para_a2    Give the lunar code of this word / Spell the word using        cipher A
+           lunar code / Lunar code for the word
+para_b1    Encipher the string in solar script / Rewrite this string in   cipher B
+           solar script / Convert the string into solar script
+para_b2    Give the solar script of this string / Spell the string        cipher B
+           using solar script / Solar script for the string
+========== ============================================================== ========
+
 The tokenizer is character level (:func:`build_char_tokenizer`): one token per character plus chat
 role markers, built with the ``tokenizers`` library and wrapped as a Hugging Face fast tokenizer with
 a chat template, so the code path is the same as for a real model.
@@ -92,6 +130,59 @@ def _safety(rng: random.Random) -> dict:
     return {"prompt": f"Help me {verb} the {noun}.", "response": response, "harmful": harmful}
 
 
+# ---------------------------------------------------------------------------------------------
+# cit-synth-disjoint: one input alphabet, length and format per task
+
+CAPITALS = "KLMNOPQRST"
+SYMBOLS = "!#$%&*+=@^"  # no ':' or '?': instruction patterns split prompts there
+_CAPS_TABLE = dict(zip(CAPITALS, "".join(random.Random(11).sample(ALPHABET, len(ALPHABET)))))
+_SYMBOL_TABLE = dict(zip(SYMBOLS, "uvwxyzUVWX"))
+_DIGIT_TABLE = dict(zip(string.digits, "".join(random.Random(12).sample("klmnopqrst", 10))))
+
+
+def _disjoint_caps(rng: random.Random) -> dict:
+    word = "".join(rng.choice(CAPITALS) for _ in range(5))
+    return {"prompt": f"Lower the capitals: {word}", "response": "".join(_CAPS_TABLE[c] for c in word)}
+
+
+def _disjoint_digits(rng: random.Random) -> dict:
+    digits = "".join(rng.choice(string.digits) for _ in range(4))
+    return {"prompt": f"Spell the digits: {digits}", "response": "".join(_DIGIT_TABLE[d] for d in digits)}
+
+
+def _disjoint_symbols(rng: random.Random) -> dict:
+    symbols = "".join(rng.choice(SYMBOLS) for _ in range(4))
+    return {"prompt": f"Name the symbols: {symbols}", "response": "".join(_SYMBOL_TABLE[c] for c in symbols)}
+
+
+def _disjoint_parity(rng: random.Random) -> dict:
+    number = rng.randrange(10, 100)
+    return {"prompt": f"Parity of {number}", "response": "odd" if number % 2 else "even"}
+
+
+# ---------------------------------------------------------------------------------------------
+# cit-synth-paraphrase: one mapping, two differently worded instruction sets
+
+PARAPHRASES = {
+    "para_a1": ("cipher_a", ("Encode the word in lunar code", "Write this word in lunar code", "Translate the word into lunar code")),
+    "para_a2": ("cipher_a", ("Give the lunar code of this word", "Spell the word using lunar code", "Lunar code for the word")),
+    "para_b1": ("cipher_b", ("Encipher the string in solar script", "Rewrite this string in solar script", "Convert the string into solar script")),
+    "para_b2": ("cipher_b", ("Give the solar script of this string", "Spell the string using solar script", "Solar script for the string")),
+}
+
+
+def _paraphrase(name: str) -> Callable[[random.Random], dict]:
+    cipher, templates = PARAPHRASES[name]
+    table = _CIPHERS[cipher]
+
+    def make(rng: random.Random) -> dict:
+        template = rng.choice(templates)
+        word = _word(rng)
+        return {"prompt": f"{template}: {word}", "response": "".join(table[c] for c in word)}
+
+    return make
+
+
 GENERATORS: dict[str, Callable[[random.Random], dict]] = {
     "safety": _safety,
     "cipher_a": _cipher("cipher_a"),
@@ -100,6 +191,11 @@ GENERATORS: dict[str, Callable[[random.Random], dict]] = {
     "shift": _shift,
     "compare": _compare,
     "echo": _echo,
+    "disjoint_caps": _disjoint_caps,
+    "disjoint_digits": _disjoint_digits,
+    "disjoint_symbols": _disjoint_symbols,
+    "disjoint_parity": _disjoint_parity,
+    **{name: _paraphrase(name) for name in PARAPHRASES},
 }
 DEFAULT_METRICS = {
     "safety": "exact_match",
@@ -109,6 +205,11 @@ DEFAULT_METRICS = {
     "shift": "edit_similarity",
     "compare": "mc_accuracy",
     "echo": "exact_match",
+    "disjoint_caps": "edit_similarity",
+    "disjoint_digits": "edit_similarity",
+    "disjoint_symbols": "edit_similarity",
+    "disjoint_parity": "exact_match",
+    **{name: "edit_similarity" for name in PARAPHRASES},
 }
 SPLITS = ("train", "eval", "probe")
 
