@@ -19,9 +19,10 @@ the same way. The harness then writes ``compare.md``, ``compare.json`` and the f
   interval of the mean difference (scipy). A method *wins* (or *loses*) a cell only when that interval
   excludes 0; with 3 seeds the interval is close to the range of the three differences, so a win needs
   every seed to agree.
-- **Resumable**: each finished run leaves ``run.json`` (summary, cost, the config's hash) and is never
-  redone; a finished run whose config changed is an error (use another ``--runs`` directory). Runs keep
-  no checkpoints: one interrupted midway starts again.
+- **Resumable**: each finished run leaves ``run.json`` (summary, cost, the hash of its inputs: the setting's
+  config files, the method's callbacks, budget and seed) and is never redone; a finished run whose inputs
+  changed is an error (use another ``--runs`` directory, or delete that run). Code changes alone do not
+  redo a run. Runs keep no checkpoints: one interrupted midway starts again.
 
 ``--quick`` runs the same grid at the grid's ``quick`` size (an overlay on every setting, fewer seeds).
 Figures: ``pareto_<setting>.png`` (bwt_gem against the measured replay share), ``cost_<setting>.png``
@@ -357,8 +358,14 @@ def resolved(config: list[str], repo: Path) -> dict:
         return copy.deepcopy(_RESOLVED[key])
 
 
-def config_hash(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def run_identity(run: RunSpec, repo: Path) -> str:
+    """What identifies a run: the text of the setting's config files, the method's callbacks/model/data with the budget
+    filled in, the budget and the seed. Code changes (e.g. a new default argument) do not make a finished run stale:
+    delete its directory to redo it."""
+    files = [(path, (repo / path).read_text(encoding="utf-8")) for path in run.setting.config]
+    method = {"callbacks": _with_budget(run.method.callbacks, run.budget), "model": run.method.model, "data": run.method.data}
+    payload = json.dumps({"files": files, "method": method, "budget": run.budget, "seed": run.seed}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def run_one(run: RunSpec, runs_dir: Path, repo: Path, threads: int) -> tuple[dict, bool]:
@@ -366,8 +373,7 @@ def run_one(run: RunSpec, runs_dir: Path, repo: Path, threads: int) -> tuple[dic
     import yaml
 
     root = runs_dir / run.key
-    data = run_config(resolved(run.setting.config, repo), run)
-    digest = config_hash(data)
+    digest = run_identity(run, repo)
     record_path = root / "run.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
@@ -375,6 +381,7 @@ def run_one(run: RunSpec, runs_dir: Path, repo: Path, threads: int) -> tuple[dic
             raise ConfigError(f"{record_path}: a finished run of {run.label()} used another config (hash {record.get('config_hash')}, "
                               f"now {digest}); its results would mix with the new grid's. Use another --runs directory")
         return record, True
+    data = run_config(resolved(run.setting.config, repo), run)
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("lightning_logs/version_*/scores.json"):  # an interrupted attempt: start a fresh version dir
         old.rename(old.with_suffix(".interrupted.json"))

@@ -160,3 +160,15 @@ def test_method_facts_average_numbers_over_seeds_and_keep_agreeing_labels():
     (fact,) = method_facts(records)
     assert fact["section"] == "DynamicEMA" and fact["seeds"] == 2
     assert fact["values"] == {"fallback_rate": pytest.approx(0.3), "rule": "code"}  # nested per_task left to compare.json
+
+
+def test_the_shipped_grid_loads_and_every_run_composes():
+    grid = load_grid(REPO / "configs" / "compare" / "grid.yaml", REPO)
+    runs = grid.runs()
+    assert {r.setting.name for r in runs} == {s.name for s in grid.settings}
+    assert all(m.settings is None or set(m.settings) <= {s.name for s in grid.settings} for m in grid.methods)
+    for run in {(r.setting.name, r.method.name): r for r in runs}.values():  # one run per (setting, method): its config resolves
+        data = run_config(resolved(run.setting.config, REPO), run)
+        names = [c["class_path"] for c in data["trainer"]["callbacks"]]
+        assert names[-2:] == ["lightning_cit.callbacks.ForgettingEvaluator", "lightning_cit.callbacks.CostMeter"], (run.label(), names)
+        assert "{budget}" not in json.dumps(data)

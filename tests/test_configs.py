@@ -57,6 +57,12 @@ COMPOSITIONS: dict[str, tuple[list[str], list[str]]] = {
     "proxymix_target": (["configs/proxymix/proxy.yaml", "configs/proxymix/target.yaml"], [CB + "ProxyMixController", *EVAL_CKPT]),
     "real_smollm2": (["configs/real/smollm2_sequence.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
     "jsonl_tasks": (["configs/examples/jsonl_tasks.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
+    "compare_full": (["configs/quickstart.yaml", "configs/compare/full.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
+    "compare_lora": ([LORA_BASE, "configs/compare/lora.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
+    "compare_disjoint_full": (["configs/quickstart.yaml", "configs/compare/disjoint_full.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
+    "compare_paraphrase_lcia": ([LORA_BASE, "configs/compare/lora.yaml", "configs/methods/lcia.yaml", "configs/compare/paraphrase_lcia.yaml"],
+                                [CB + "NoReplay", CB + "InstructionGrouping", CB + "DynamicEMA", *EVAL_CKPT]),
+    "compare_quick": (["configs/quickstart.yaml", "configs/compare/full.yaml", "configs/compare/quick.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
 }
 # the `lightning-cit proxymix train` configs: their episode's fit (fit_config plus the --config files of fit_args)
 TRAIN_CONFIGS = {"configs/proxymix/train_controller.yaml": "proxymix_proxy", "configs/proxymix/oracle.yaml": "proxymix_target"}
@@ -101,7 +107,8 @@ def test_composition_resolves_to_its_callbacks(name):
 
 def test_every_config_file_is_in_a_composition_and_every_run_has_its_own_directory():
     used = {path for configs, _ in COMPOSITIONS.values() for path in configs} | set(TRAIN_CONFIGS)
-    shipped = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "gpu" not in p.parts}
+    grids = {"configs/compare/grid.yaml"}  # the grid of `lightning-cit compare` (not a fit config; tests/test_compare.py loads it)
+    shipped = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "gpu" not in p.parts} - grids
     assert shipped == used, "a config file that no composition uses, or a composition of a missing file"
     roots = [resolved(*configs)["trainer"]["default_root_dir"] for configs, _ in COMPOSITIONS.values()]
     assert len(set(roots)) == len(roots), "two compositions write (and resume) in the same default_root_dir"
