@@ -16,8 +16,10 @@ counts what actually happened:
   forwards are ``train``, anything else outside a batch is ``other``). A generation step with the KV
   cache computes one position per row, so generated tokens count once each.
 - **FLOPs (estimate)**: ``2 N`` per forward position and ``4 N`` more per position that was
-  back-propagated (forwards run with gradient enabled), ``N`` the model's parameters without the
-  embeddings (performance.md's ``6 N`` per trained token). Attention's quadratic term is left out.
+  back-propagated (forwards run with gradient enabled, plus passes a callback reports with
+  :meth:`~lightning_cit.contract.ContinualRegistry.record_cost`, e.g. JFA's second backward for its gradient
+  projection), ``N`` the model's parameters without the embeddings and the LoRA adapters
+  (performance.md's ``6 N`` per trained token). Attention's quadratic term is left out.
 - **CPU seconds**: the process CPU time of the fit, and per cost scope; ``train`` is the rest
   (forward, backward, optimizer, data loading, checkpoint writes).
 
@@ -46,19 +48,20 @@ TRAIN, OTHER = "train", "other"
 
 
 def model_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """``(all parameters, parameters outside embedding tables)``, each tensor counted once (tied weights)."""
+    """``(all parameters, N)``: N leaves out embedding tables and LoRA adapter weights (an adapter's compute is
+    r·(in+out) per token, small next to its layer's; inactive adapter slots compute nothing). Tied weights count once."""
     seen: set[int] = set()
-    total = embedding = 0
-    for module in model.modules():
+    total = excluded = 0
+    for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
             n = param.numel() * (2 if getattr(param, "quant_storage", None) is not None else 1)  # 4-bit: two per byte
             total += n
-            if isinstance(module, torch.nn.Embedding):
-                embedding += n
-    return total, total - embedding
+            if isinstance(module, torch.nn.Embedding) or "lora_" in name:
+                excluded += n
+    return total, total - excluded
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -126,6 +129,11 @@ class CostMeter(ContinualCallback):
         """CPU seconds of one :meth:`~lightning_cit.contract.ContinualRegistry.cost_scope` block."""
         self.local["cpu_s"][label] += seconds
         self._scoped_in_fit += seconds
+
+    def add_passes(self, label: str, forward_positions: int, backward_positions: int) -> None:
+        """Positions of passes no forward hook sees (:meth:`~lightning_cit.contract.ContinualRegistry.record_cost`)."""
+        self.local["forward_positions"][label] += forward_positions
+        self.local["backward_positions"][label] += backward_positions
 
     def _count_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

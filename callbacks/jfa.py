@@ -385,6 +385,7 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
         if flashback is None or not bool(flashback.any()):
             return {TERM: logits.sum() * 0.0}  # a graph-connected zero, so every rank has the same terms
         rows = flashback.nonzero().squeeze(1)
+        self._step_positions = int(batch["input_ids"].numel())  # for the cost of the projection's second backward
         with module.continual.cost_scope("reference"):
             ref_logits = self.reference_logits(module, batch["input_ids"][rows], batch["attention_mask"][rows])
         span = batch["labels"][rows][:, 1:] != IGNORE_INDEX  # the reference continuation (+ EOS)
@@ -416,6 +417,8 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
         new_loss = sum(v for k, v in terms.items() if k != TERM)
         g_new = _flat_grad(new_loss, params)
         g_fb = _flat_grad(terms[TERM], params)
+        # two backward passes through the step's graph where plain training runs one (the surrogate's is parameter-only)
+        module.continual.record_cost("projection", backward_positions=getattr(self, "_step_positions", 0))
         both = torch.stack([g_new, g_fb])
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(both)

@@ -485,9 +485,15 @@ def verdict(low: float, high: float, higher_is_better: bool = True) -> str:
 
 
 def cost_of(record: dict) -> dict[str, float]:
-    """Training-side cost of a run: FLOPs and CPU seconds without evaluation (the same work for every method)."""
+    """Training-side cost of a run, evaluation left out (the same work for every method).
+
+    ``flops`` is in units of N (the model's parameters without embeddings and adapters): 2 per forward position
+    plus 4 per back-propagated one, so ratios between runs of one setting do not depend on how N was counted.
+    """
     cost = record["cost"]
-    flops = cost["flops"]["total"] - cost["flops"]["by_scope"].get("evaluation", 0.0)
+    forward = sum(v for k, v in cost["forward_positions"].items() if k != "evaluation")
+    backward = sum(v for k, v in cost["backward_positions"].items() if k != "evaluation")
+    flops = 2.0 * forward + 4.0 * backward
     cpu = cost["cpu_s"]["total"] - cost["cpu_s"].get("evaluation", 0.0)
     extra = {k: v for k, v in cost["forward_positions"].items() if k not in ("train", "evaluation")}
     return {"flops": flops, "cpu_s": cpu, "extra_forward_positions": float(sum(extra.values())),

@@ -348,6 +348,12 @@ class ContinualRegistry:
     def sections(self) -> dict[str, Any]:
         return {name: section() for name, section in self.score_sections.items()}
 
+    def record_cost(self, label: str, *, forward_positions: int = 0, backward_positions: int = 0) -> None:
+        """Passes a callback runs that no forward hook sees (e.g. an extra backward through the step's graph), for the cost meter."""
+        meter = self.services.get("cost")
+        if meter is not None:
+            meter.add_passes(label, forward_positions, backward_positions)
+
     @contextlib.contextmanager
     def cost_scope(self, label: str) -> Iterator[None]:
         """Attribute the forwards and the CPU time inside this block to ``label`` (the outermost scope wins).

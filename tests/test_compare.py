@@ -71,8 +71,8 @@ def test_bootstrap_interval_and_verdicts_by_hand():
 def _record(setting, method, budget, seed, acc, bwt, share, flops, cpu):
     return {"setting": setting, "method": method, "budget": budget, "seed": seed, "wall_s": 1.0, "tasks": ["a", "b"],
             "matrix": [[0, 0], [90, 0], [80, 95]], "rows": ["base", "a", "b"], "summary": {"acc": acc, "bwt_gem": bwt, "nta": 92.5},
-            "cost": {"replay_share": share, "optimizer_steps": 10, "tokens": 100, "flops": {"total": flops, "by_scope": {"evaluation": 10.0}},
-                     "cpu_s": {"total": cpu, "evaluation": 1.0}, "forward_positions": {"train": 50, "evaluation": 20, "rollout": 7}}}
+            "cost": {"replay_share": share, "optimizer_steps": 10, "tokens": 100, "cpu_s": {"total": cpu, "evaluation": 1.0},
+                     "forward_positions": {"train": flops, "evaluation": 20, "rollout": 7}, "backward_positions": {"train": flops, "evaluation": 0}}}
 
 
 def test_summary_pairs_methods_by_seed_and_divides_cost_by_the_baseline():
@@ -86,7 +86,7 @@ def test_summary_pairs_methods_by_seed_and_divides_cost_by_the_baseline():
     m = cells["M"]
     assert m["acc"] == 74.0 and m["acc_se"] == pytest.approx(math.sqrt(4 / 3))  # 72, 74, 76
     assert m["replay_share"] == pytest.approx(0.049)
-    assert m["flops_ratio"] == pytest.approx(200.0 / 100.0)  # evaluation's 10 FLOPs left out of both
+    assert m["flops_ratio"] == pytest.approx((6 * 210 + 2 * 7) / (6 * 110 + 2 * 7))  # 2 per forward + 4 per backward position; evaluation left out
     assert m["cpu_ratio"] == pytest.approx(20.0 / 10.0)
     assert m["extra_forward_positions"] == 7  # rollout; neither the training step nor evaluation
     diff = m["vs_reference"]["acc"]  # M - Fixed ratio per seed: 2, 3, 4 -> all positive, a win
