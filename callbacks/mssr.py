@@ -71,6 +71,9 @@ Budget (``budget``): the schedule's free parameter (``lambda_0``, or ``fixed_rat
 is possible (tasks 2..T, 1-based) equals ``budget``; ``λ_min``, ``β_r`` and the event steps stay as
 configured. ``ratio_at`` is affine in that parameter, so two evaluations give the solution exactly; a
 budget outside the range the parameter's [0, 1] (and λ(t) ≤ 1) can reach is refused naming the range.
+In ``every_batch`` mode the ratio drawn is ``ratio_at`` of each decision step held for
+``decision_interval`` steps, so the drawn mean differs from ``budget`` by at most about
+``λ0 β_r decision_interval`` (plus the sampler's randomness); ``event`` mode uses the per-step value.
 
 Ablations (methods.md §7a): ``sampler="memory", schedule="fixed"`` is MSSR_spl (memory-aware sampling
 at a constant ``fixed_ratio``); ``sampler="uniform", schedule="adaptive"`` is MSSR_sch; both memory
