@@ -301,3 +301,17 @@ def test_replay_share_in_explore_mode_samples_and_records_only_the_split():
     expected = torch.distributions.Normal(torch.tensor([0.5, -0.5, 2.0]), 1.0).log_prob(action[:3]).sum()
     assert pending["log_prob"] == pytest.approx(float(expected), rel=1e-6)
     assert controller.scores_section()["replay_share"] == 0.3
+
+
+def test_learning_curve_plateau_rule_by_hand():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from proxymix_curve import moving_average, plateau
+    finally:
+        sys.path.pop(0)
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert plateau([0.0] * 5, 3)["verdict"] == "too short"
+    flat = plateau([1.0, 3.0] * 10, 10)  # both windows: mean 2, sd sqrt(10/9)
+    assert flat["verdict"] == "plateau" and flat["difference"] == 0.0 and flat["sd_last"] == pytest.approx((10 / 9) ** 0.5)
+    rising = plateau([float(i) for i in range(20)], 10)  # means 4.5 -> 14.5, variances 55/6: t = 10 / sqrt(2 * 55/6 / 10)
+    assert rising["verdict"] == "rising" and rising["welch_t"] == pytest.approx(10 / (2 * 55 / 6 / 10) ** 0.5)
