@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,6 +71,19 @@ def plateau(rewards: list[float], window: int) -> dict:
             "mean_before": m1, "mean_last": m2, "difference": m2 - m1, "welch_t": t, "sd_last": v2 ** 0.5}
 
 
+def progress(rewards: list[float], window: int) -> dict | None:
+    """Did the reward rise at all? Welch's t between the first and the last ``window`` episodes (None with too few)."""
+    if len(rewards) < 2 * window:
+        return None
+    first, last = rewards[:window], rewards[-window:]
+    m1, m2 = sum(first) / window, sum(last) / window
+    v1 = sum((x - m1) ** 2 for x in first) / (window - 1)
+    v2 = sum((x - m2) ** 2 for x in last) / (window - 1)
+    se = ((v1 + v2) / window) ** 0.5
+    t = (m2 - m1) / se if se > 0 else 0.0
+    return {"mean_first": m1, "mean_last": m2, "difference": m2 - m1, "welch_t": t, "significant": abs(t) >= 2}
+
+
 def train(episodes: int, deadline: dt.datetime | None) -> int | None:
     """Run the training until it finishes or the deadline passes; the exit code, or None when stopped at the deadline."""
     cmd = [sys.executable, "-m", "lightning_cit.cli", "proxymix", "train", "--config", str(REPO / CONFIG), "--episodes", str(episodes),
@@ -98,11 +112,12 @@ def report(out: Path, episodes_asked: int, stopped: bool) -> dict:
     seconds = [e["seconds"] for e in eps]
     avg = moving_average(rewards, WINDOW)
     verdict = plateau(rewards, WINDOW)
+    rise = progress(rewards, WINDOW)
     command = f"nice -n 5 python benchmarks/proxymix_curve.py --episodes {episodes_asked}"
     data = {"command": command, "config": CONFIG, "settings": history["settings"], "episodes_run": len(eps), "episodes_asked": episodes_asked,
             "stopped_at_deadline": stopped, "moving_average_window": WINDOW, "reward": rewards, "reward_moving_average": avg,
             "mean_log_std": log_std, "clip_fraction": clip, "seconds": seconds, "decisions": [e["decisions"] for e in eps],
-            "mean_replay_share": [e.get("mean_replay_share") for e in eps], "plateau": verdict,
+            "mean_replay_share": [e.get("mean_replay_share") for e in eps], "plateau": verdict, "progress": rise,
             "seconds_per_episode_median": sorted(seconds)[len(seconds) // 2] if seconds else None,
             "load_average": os.getloadavg()}
     atomic_write_json(str(out / "proxymix-curve.json"), data)
@@ -174,6 +189,22 @@ def _markdown(d: dict) -> str:
     else:
         lines.append(f"Verdict: **{p['verdict']}** (mean {p['mean_before']:+.3f} -> {p['mean_last']:+.3f}, difference {p['difference']:+.3f}, "
                      f"t = {p['welch_t']:+.2f}, sd of the last window {p['sd_last']:.3f}).")
+    rise = d["progress"]
+    lines += ["", "## Did it learn?", ""]
+    if rise is None:
+        lines.append("Too few episodes to compare the first and the last window.")
+    else:
+        moved = (first[-1] - first[0]) if first else float("nan")
+        lines.append(f"First {WINDOW} episodes against the last {WINDOW}: mean {rise['mean_first']:+.3f} -> {rise['mean_last']:+.3f} "
+                     f"(t = {rise['welch_t']:+.2f}, {'significant' if rise['significant'] else 'not significant'} at |t| >= 2); "
+                     f"the mean log-std moved by {moved:+.4f} (exploration std x{math.exp(moved):.3f}).")
+        if p["verdict"] == "plateau" and not rise["significant"]:
+            lines += ["", ("**The curve is flat from the start**: the reward of the last window is not distinguishable from the "
+                           "first, so the plateau is the level of the (nearly) untrained policy, not a learned optimum. Possible "
+                           "reasons, not separated by this run: the data order changes every episode (`vary_data_seed: true`), "
+                           "so the reward's spread between episodes is large against any trend; with the exploration std "
+                           "still about 1 the sampled logits dominate the mean action; one PPO update per episode at "
+                           "learning rate 3e-4 moves the policy little in this many episodes.")]
     lines += ["", "The per-episode numbers (reward, log-std, clip fraction, seconds, replay share) are in `proxymix-curve.json`.", ""]
     return "\n".join(lines)
 
