@@ -205,6 +205,15 @@ def _markdown(d: dict) -> str:
                            "so the reward's spread between episodes is large against any trend; with the exploration std "
                            "still about 1 the sampled logits dominate the mean action; one PPO update per episode at "
                            "learning rate 3e-4 moves the policy little in this many episodes.")]
+    if n >= 20:
+        blocks = [r[i:i + 20] for i in range(0, n, 20)]
+        lines += ["", "Mean reward per block of 20 episodes: " + ", ".join(f"{sum(b) / len(b):+.2f}" for b in blocks) + "."]
+    shares = [x for x in d["mean_replay_share"] if x]
+    if len(shares) >= 2 * WINDOW:
+        def mean_share(part: list[dict]) -> str:
+            return ", ".join(f"task {int(k) + 1}: {sum(x[k] for x in part) / len(part):.2f}" for k in sorted(part[0]) if k != "0")
+        lines += ["", f"Mean replay share chosen (exploring), first {WINDOW} episodes: {mean_share(shares[:WINDOW])}; "
+                      f"last {WINDOW}: {mean_share(shares[-WINDOW:])}."]
     lines += ["", "The per-episode numbers (reward, log-std, clip fraction, seconds, replay share) are in `proxymix-curve.json`.", ""]
     return "\n".join(lines)
 
