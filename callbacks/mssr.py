@@ -42,6 +42,39 @@ Choices where the paper contradicts itself or is silent (methods.md §7f):
   The staleness cap is implied (every entry is re-scored); buffer refresh (adding/replacing entries)
   is not done: buffers are filled once, when their task ends.
 
+Hazards per review interval (``hazard_unit``, issue 19). Eq.4's hazard is a rate per optimizer step,
+and Table 9's defaults were set where an entry is reviewed about every ``R_paper = 1024 / (256 × 0.3) ≈ 13.3``
+steps (1024 entries, batch 256, λ ≈ 0.3). With ``hazard_unit="review"`` the per-step rates are read as
+"per step at the paper's review interval" and converted at every task start to the run's expected
+review interval ``R = N / (B λ̄)`` (``N`` entries in all buffers, ``B`` the global batch, ``λ̄`` the mean
+of ``ratio_at`` over the task's steps): a rate ``r`` becomes ``r R_paper / R`` per step, so the decay
+*between two reviews* is the paper's at any scale. Which rates, equation by equation:
+
+- Eq.4 ``h = (α + γ_d φ(ℓ̂)) / S``: ``α`` and ``γ_d`` are per-step rates (``m`` decays as ``e^{-h Δt}``, Lemma
+  A.1): converted. ``φ`` (``k``, ``c``) maps a normalized loss to [0, 1] and ``S`` is a divisor: unitless.
+- Eq.5 ``S⁺ = S + η_s (S_max - S)^β e^{-ρ Δt} (1 - m⁻)^{γ_s}``: ``ρ`` multiplies the gap ``Δt`` in steps, the
+  same argument as ``α`` (at ``R ≈ 30 R_paper`` an unconverted ``e^{-ρ Δt}`` is ``e^{-4}`` and no review
+  consolidates): converted. ``η_s`` is a gain per review, ``β``, ``γ_s``, ``S_min``, ``S_max`` are unitless: kept.
+- Eq.13 ``β_ema``: one EMA update per review (or re-scoring), not per step: kept.
+- Not memory rates, so kept in steps: Eq.8's ``first_interval`` and Eq.9's ``β_r`` (the schedule; see
+  ``budget``) and ``rescore_interval`` (how stale a loss may get, a cost knob).
+
+The conversion is fixed for a whole task (hazards stay piecewise constant, so Lemma A.1's closed form
+holds): ``λ̄`` averages the ratio the schedule will use over the task's steps (in ``event`` mode the
+zero steps between events count, so ``R`` is the expected interval of the replay actually drawn). At a
+task start the existing entries are re-anchored (``m`` continuous) and their hazards multiplied by
+new/old scale. Where ``R`` is undefined (task 0: no buffers; a task where ``λ̄ = 0``: no reviews
+expected) the previous scale stays (1 before the first replay task; no entry exists before it).
+
+Budget (``budget``): the schedule's free parameter (``lambda_0``, or ``fixed_ratio`` with
+``schedule="fixed"``) is solved at setup so that the mean of ``ratio_at`` over every step where replay
+is possible (tasks 2..T, 1-based) equals ``budget``; ``λ_min``, ``β_r`` and the event steps stay as
+configured. ``ratio_at`` is affine in that parameter, so two evaluations give the solution exactly; a
+budget outside the range the parameter's [0, 1] (and λ(t) ≤ 1) can reach is refused naming the range.
+In ``every_batch`` mode the ratio drawn is ``ratio_at`` of each decision step held for
+``decision_interval`` steps, so the drawn mean differs from ``budget`` by at most about
+``λ0 β_r decision_interval`` (plus the sampler's randomness); ``event`` mode uses the per-step value.
+
 Ablations (methods.md §7a): ``sampler="memory", schedule="fixed"`` is MSSR_spl (memory-aware sampling
 at a constant ``fixed_ratio``); ``sampler="uniform", schedule="adaptive"`` is MSSR_sch; both memory
 and adaptive is the full method.
@@ -50,7 +83,7 @@ and adaptive is the full method.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -60,6 +93,7 @@ from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs
 from lightning_cit.errors import ConfigError
 
 REPLAY_MODES = ("every_batch", "event")
+HAZARD_UNITS = ("step", "review")
 RATIO_FORMULAS = ("eq9", "eq29")
 
 
@@ -103,6 +137,8 @@ class MemoryStates:
         self.alpha, self.gamma_d, self.k, self.c = alpha, gamma_d, k, c
         self.beta_ema, self.quantiles = beta_ema, quantiles
         self.eta_s, self.beta, self.rho, self.gamma_s = eta_s, beta, rho, gamma_s
+        self.rates = (alpha, gamma_d, rho)  # the per-step rates as configured; set_time_scale multiplies them
+        self.time_scale = 1.0
         self.s_min, self.s_max = s_min, s_max
         # per task: log m at the anchor step t* (the last review or hazard change), S, t*, the hazard h
         # in force since t*, the step of the last review, and the EMA loss (nan = never scored)
@@ -125,6 +161,25 @@ class MemoryStates:
         # unseen loss: ℓ̂ = c, the median hazard
         self.hazard[task] = (self.alpha + self.gamma_d * self.phi(torch.full((size,), self.c, dtype=f64))) / self.s_min
         self.ema[task] = torch.full((size,), float("nan"), dtype=f64)
+
+    def set_time_scale(self, scale: float, step: int) -> None:
+        """Per-step ``α``, ``γ_d`` (Eq.4) and ``ρ`` (Eq.5) become ``scale`` × their configured values.
+
+        Every entry is re-anchored at ``step`` (``m`` continuous) and its hazard, which is linear in
+        ``α`` and ``γ_d``, is multiplied by new/old scale. The same scale again changes nothing.
+        """
+        if scale == self.time_scale:
+            return
+        factor = scale / self.time_scale
+        for task in self.hazard:
+            self.log_m[task] = self.log_strength(task, step)
+            self.t_star[task] = torch.full_like(self.t_star[task], float(step))
+            self.hazard[task] = self.hazard[task] * factor
+        self._apply_time_scale(scale)
+
+    def _apply_time_scale(self, scale: float) -> None:
+        self.time_scale = float(scale)
+        self.alpha, self.gamma_d, self.rho = (rate * self.time_scale for rate in self.rates)
 
     def log_strength(self, task: int, step: int) -> torch.Tensor:
         """Lemma A.1: ``log m(t) = log m* - h (t - t*)`` for every entry, without stepping through time."""
@@ -197,6 +252,11 @@ class MSSRReplay(MixtureController):
         decision_interval: optimizer steps between re-decisions in ``every_batch`` mode.
         rescore_interval: optimizer steps between loss re-scorings of every buffer entry (paper: 50); null = never.
         alpha, gamma_d, k, c, beta_ema, eta_s, beta, rho, gamma_s, s_min, s_max: memory dynamics (Table 9 defaults).
+        hazard_unit: ``step`` (``alpha``, ``gamma_d``, ``rho`` are per optimizer step of this run) or ``review``
+            (per step at the paper's review interval, converted at every task start; module docstring).
+        paper_review_interval: ``R_paper``, the steps between two reviews of an entry in the paper's setting
+            (1024 entries / (batch 256 × λ 0.3)); only with ``hazard_unit="review"``.
+        budget: mean replay share over the steps of tasks 2..T; solves ``lambda_0`` (or ``fixed_ratio``); None = as configured.
     """
 
     def __init__(
@@ -227,15 +287,23 @@ class MSSRReplay(MixtureController):
         gamma_s: float = 1.0,
         s_min: float = 1.0,
         s_max: float = 10.0,
+        hazard_unit: Literal["step", "review"] = "step",
+        paper_review_interval: float = 1024 / (256 * 0.3),
+        budget: float | None = None,
     ) -> None:
         super().__init__(decision_interval=decision_interval if replay_mode == "every_batch" else None)
         for name, value, valid in (("replay_mode", replay_mode, REPLAY_MODES), ("sampler", sampler, ("memory", "uniform")),
-                                   ("schedule", schedule, ("adaptive", "fixed")), ("ratio_formula", ratio_formula, RATIO_FORMULAS)):
+                                   ("schedule", schedule, ("adaptive", "fixed")), ("ratio_formula", ratio_formula, RATIO_FORMULAS),
+                                   ("hazard_unit", hazard_unit, HAZARD_UNITS)):
             if value not in valid:
                 raise ConfigError(f"MSSRReplay.{name}={value!r} is unknown; valid: {', '.join(valid)}")
         for name, value in (("fixed_ratio", fixed_ratio), ("lambda_0", lambda_0), ("lambda_min", lambda_min)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"MSSRReplay.{name}={value} must lie in [0, 1]")
+        if budget is not None and not 0.0 <= budget <= 1.0:
+            raise ConfigError(f"MSSRReplay.budget={budget} must lie in [0, 1] (a mean replay share) or be null")
+        if not paper_review_interval > 0:
+            raise ConfigError(f"MSSRReplay.paper_review_interval={paper_review_interval} must be a positive number of steps")
         if not s_min <= s_max or s_min <= 0:
             raise ConfigError(f"MSSRReplay needs 0 < s_min <= s_max, got {s_min}, {s_max}")
         self.replay_mode, self.sampler, self.schedule = replay_mode, sampler, schedule
@@ -245,18 +313,50 @@ class MSSRReplay(MixtureController):
         self.zeta = zeta
         self.rescore_interval = rescore_interval
         self.memory = MemoryStates(alpha, gamma_d, k, c, beta_ema, (0.05, 0.95), eta_s, beta, rho, gamma_s, s_min, s_max)
+        self.hazard_unit, self.paper_review_interval, self.budget = hazard_unit, float(paper_review_interval), budget
+        self.review_intervals: list[dict[str, Any]] = []  # hazard_unit="review": R and the scale chosen at every task start
         self._positions: dict[int, dict[int, int]] = {}  # task -> sample_id -> buffer position
         self._versions: dict[int, int] = {}  # task -> the memory version _positions was built from
         self._event_steps: set[int] = set()
 
     # ------------------------------------------------------------------------------------ scheduling
-    needs = Needs(module=("sample_losses",), data=DATA_MIXTURE + ("buffer_samples", "sample_id_of"), step_outputs=("per_sample_loss",))
+    needs = Needs(module=("sample_losses",), data=DATA_MIXTURE + ("buffer_samples", "sample_id_of", "global_batch_size"), step_outputs=("per_sample_loss",))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            total = sum(trainer.datamodule.steps_for(k) for k in range(trainer.datamodule.num_tasks))
+            dm = trainer.datamodule
+            total = sum(dm.steps_for(k) for k in range(dm.num_tasks))
             self._event_steps = set(replay_event_steps(self.first_interval, self.eta_p, self.rho_p, total))
+            if self.budget is not None:
+                self.match_budget(range(dm.task_start_step(1) if dm.num_tasks > 1 else total, total))
+
+    def match_budget(self, steps: range) -> None:
+        """Set ``lambda_0`` (``fixed_ratio`` with ``schedule="fixed"``) so that the mean ``ratio_at`` over ``steps`` is ``budget``.
+
+        ``ratio_at`` is affine in that parameter ``x`` (Eq.9, Eq.29, fixed, each times the event
+        indicator), so ``mean(x) = m0 + (m1 - m0) x`` from ``x = 0`` and ``x = 1``. ``x`` is kept in [0, 1]
+        and every step's ratio at most 1; outside the reachable means the budget is refused.
+        """
+        name = "fixed_ratio" if self.schedule == "fixed" else "lambda_0"
+        if not len(steps):
+            raise ConfigError("MSSRReplay.budget needs a sequence of at least 2 tasks (replay is possible from task 2 on)")
+        per_x = []
+        for x in (0.0, 1.0):
+            setattr(self, name, x)
+            per_x.append([self.ratio_at(s) for s in steps])
+        r0, r1 = per_x
+        m0, m1 = sum(r0) / len(steps), sum(r1) / len(steps)
+        high = min([1.0] + [(1.0 - a) / (b - a) for a, b in zip(r0, r1) if b > a and a + (b - a) > 1.0])
+        low_mean, high_mean = sorted((m0, m0 + (m1 - m0) * high))
+        if not low_mean - 1e-12 <= self.budget <= high_mean + 1e-12:
+            setattr(self, name, 0.0)
+            raise ConfigError(
+                f"MSSRReplay.budget={self.budget} cannot be reached by {name} in [0, {high:g}] with this schedule "
+                f"(replay_mode={self.replay_mode}, lambda_min={self.lambda_min}, beta_r={self.beta_r}, {len(steps)} replay steps): "
+                f"achievable mean replay shares are [{low_mean:.6g}, {high_mean:.6g}]"
+            )
+        setattr(self, name, min(max((self.budget - m0) / (m1 - m0), 0.0), high) if m1 != m0 else 0.0)
 
     def _in_event(self, step: int) -> bool:
         return any(e <= step < e + self.event_length for e in self._event_steps)
@@ -298,7 +398,27 @@ class MSSRReplay(MixtureController):
             return torch.zeros_like(self.memory.log_m[task])
         return -self.zeta * self.memory.log_strength(task, step)
 
+    def expected_review_interval(self, trainer: pl.Trainer, task: int) -> float | None:
+        """``R = N / (B λ̄)``: entries in all buffers over the replayed samples per step, λ̄ the task's mean ``ratio_at``.
+
+        None where no review is expected (task 0, empty buffers, or ``λ̄ = 0``).
+        """
+        dm = trainer.datamodule
+        entries = sum(dm.memory.size(j) for j in range(task))
+        start, steps = dm.task_start_step(task), dm.steps_for(task)
+        mean_ratio = sum(self.ratio_at(s) for s in range(start, start + steps)) / steps if task > 0 and steps else 0.0
+        if entries == 0 or mean_ratio == 0.0:
+            return None
+        return entries / (dm.global_batch_size * mean_ratio)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        task = pl_module.task_clock.task_of(trainer)
+        if self.hazard_unit == "review" and task != self._started_task:  # once per task; a resumed task keeps its scale
+            interval = self.expected_review_interval(trainer, task)
+            scale = self.memory.time_scale if interval is None else self.paper_review_interval / interval
+            self.memory.set_time_scale(scale, step=trainer.datamodule.task_start_step(task))
+            self.review_intervals.append({"task": task, "review_interval": interval, "scale": scale,
+                                          "alpha": self.memory.alpha, "gamma_d": self.memory.gamma_d, "rho": self.memory.rho})
         self._sync_buffers(trainer)  # buffers of finished tasks exist once the task's loader is built
         super().on_train_epoch_start(trainer, pl_module)
 
@@ -378,9 +498,13 @@ class MSSRReplay(MixtureController):
             **super().state_dict(),
             "memory": self.memory.state_dict(),
             "last_rescore": getattr(self, "_last_rescore", -1),
+            "time_scale": self.memory.time_scale,
+            "review_intervals": list(self.review_intervals),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.memory.load_state_dict(state_dict["memory"])
         self._last_rescore = int(state_dict.get("last_rescore", -1))
+        self.memory._apply_time_scale(float(state_dict.get("time_scale", 1.0)))
+        self.review_intervals = list(state_dict.get("review_intervals", []))

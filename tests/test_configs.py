@@ -172,6 +172,9 @@ def _as_shipped_after_issue18(name: str, config: dict[str, Any]) -> dict[str, An
             callback["init_args"]["score"] = "all"
         if callback["class_path"].endswith("TaskCheckpoint") and callback["init_args"].get("every_n_train_steps"):
             callback["init_args"]["keep_mid_task"] = 2  # the retention policy issue 18 added
+        if callback["class_path"].endswith("MSSRReplay"):  # issue 19: the paper's hazards, per review interval
+            callback["init_args"].update({"alpha": 0.01, "gamma_d": 0.2, "hazard_unit": "review",
+                                          "paper_review_interval": 1024 / (256 * 0.3), "budget": None})
     return config
 
 

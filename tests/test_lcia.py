@@ -116,8 +116,14 @@ def test_dynamic_ema_matches_the_hand_computed_rule(rule):
     scale = 2e-3 if rule == "code" else 5.0
     fallback = 0.01
     used = {"formula": 0, "fallback": 0}
+    calls: list[tuple[float, bool]] = []  # (w, fell back) per tensor, in step order
 
     def weight(p, average, g, prev_g, prev_p):
+        w = _weight(p, average, g, prev_g, prev_p)
+        calls.append((w, w == fallback))
+        return w
+
+    def _weight(p, average, g, prev_g, prev_p):
         if prev_g is None:
             used["fallback"] += 1
             return fallback
@@ -141,6 +147,16 @@ def test_dynamic_ema_matches_the_hand_computed_rule(rule):
         torch.testing.assert_close(got.detach().double(), expected, rtol=1e-4, atol=1e-6)
     assert used["formula"] > 0 and used["fallback"] > 0  # both branches of the rule were exercised
     assert ema.stats["updates"] == 6
+    # scores.json's methods.DynamicEMA (issue 19): the fallback rate and mean w, from the hand computation above
+    steps = [calls[i:i + 2] for i in range(0, len(calls), 2)]  # two tensors (weight, bias) per step
+    section = ema.scores_section()
+    assert section["rule"] == rule and section["updates"] == 6 and section["no_history_updates"] == 1
+    assert section["fallback_rate"] == pytest.approx(sum(sum(f for _, f in s) / 2 for s in steps) / 6, rel=1e-6)
+    assert section["updates_with_fallback_rate"] == pytest.approx(sum(any(f for _, f in s) for s in steps) / 6, rel=1e-6)
+    assert section["formula_fallback_rate"] == pytest.approx((used["fallback"] - 2) / 10, rel=1e-6)  # without step 1
+    assert section["mean_weight"] == pytest.approx(sum(w for w, _ in calls) / 12, rel=1e-4)
+    assert section["per_task"] == {"0": {k: v for k, v in section.items() if k not in ("rule", "scale", "fallback", "when", "per_task")}}
+    json.dumps(section)  # plain numbers
 
 
 def test_dynamic_weight_guards_every_division():
@@ -240,6 +256,13 @@ def test_grouping_reuses_similar_instructions_and_opens_groups_for_new_ones():
     assert grouping.route(_samples("Translate the sentence into German.")) == grouping.groups[0]["adapter"]
     assert grouping.route(_samples("Summarize the news article.")) == grouping.groups[1]["adapter"]
     assert grouping.route(_samples("Help me fix the bike.")) == grouping.groups[-1]["adapter"]
+    # scores.json's counts (issue 19): 2 groups opened, 1 task reused one, 1 of 3 routed batches matched no group
+    n = len(_samples("Help me fix the bike."))
+    assert grouping.routing == {"batches": 3, "prompts": 3 * n, "unmatched_batches": 1, "unmatched_prompts": n}
+    section = grouping.scores_section()
+    assert (section["groups_opened"], section["tasks_reused"], section["tasks_opened"], section["routing"]) == (2, 1, 2, grouping.routing)
+    grouping.route(_samples("Help me fix the bike."))  # a cached route still counts
+    assert grouping.routing["unmatched_batches"] == 2
     to_base = InstructionGrouping(threshold=0.5, unmatched="base")
     to_base.apply("fr", *to_base.propose(french))
     assert to_base.route(_samples("Help me fix the bike.")) == BASE
@@ -334,6 +357,13 @@ def test_lcia_run_records_groups_and_resumes_mid_task_exactly(tmp_path):
     # "Encode with key A/B" lose their one-letter key to the tokenizer: the two ciphers share an adapter
     assert [g["tasks"] for g in grouping["groups"]] == [["cipher_a", "cipher_b"], ["compare"]]
     assert [g["adapter"] for g in grouping["groups"]] == ["default", "group_1"]
+    # issue 19: the group statistics and the dynamic EMA's fallback rate are in scores.json
+    assert (grouping["groups_opened"], grouping["tasks_reused"], grouping["tasks_opened"]) == (2, 1, 2)
+    routing = grouping["routing"]
+    assert routing["prompts"] > 0 and 0 <= routing["unmatched_prompts"] <= routing["prompts"]
+    ema = full["methods"]["DynamicEMA"]
+    assert set(ema["per_task"]) == {"1"} and ema["updates"] == ema["per_task"]["1"]["updates"] == STEPS  # it averaged in cipher_b only
+    assert ema["no_history_updates"] == 1 and 0 <= ema["formula_fallback_rate"] <= 1 and 0 < ema["mean_weight"] < 1
     rec_full = json.loads((tmp_path / "rec_full" / "rank0.json").read_text())
     assert rec_full["active"] == [False, True, False]  # the average runs only in the task that reused a group
     # mid-task 2 (cipher_b, averaging in the reused adapter) and mid-task 3 (compare, in its own adapter)

@@ -244,3 +244,74 @@ def test_controller_training_resumes_where_it_stopped(tmp_path, capsys):
     # different settings in the same work_dir are refused rather than mixed
     code = proxymix_main(["train", "--config", str(_train_config(tmp_path, "resumed", 1)), "--episodes", "3", "--seed", "1"])
     assert code == 2 and "other settings" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ budget-constrained action (issue 19)
+def _constant_policy(logits: list[float]) -> ActorCritic:
+    """A policy whose mean action is ``logits`` whatever the state (last actor layer: weight 0, bias = logits)."""
+    torch.manual_seed(0)
+    policy = ActorCritic(PolicySpec(max_tasks=len(logits), hidden_size=8))
+    with torch.no_grad():
+        policy.actor[-1].weight.zero_()
+        policy.actor[-1].bias.copy_(torch.tensor(logits))
+    return policy.eval()
+
+
+def _signals(task: int, num_tasks: int = 4) -> MixtureSignals:
+    return MixtureSignals(task_index=task, num_tasks=num_tasks, batch_in_task=0, step=100 * task, steps_in_task=100, progress=0.0,
+                          probe_losses=[1.0 + j if j <= task else None for j in range(num_tasks)], source_sizes=[10] * (task + 1))
+
+
+def test_replay_share_fixes_the_share_and_the_policy_splits_it_over_earlier_tasks():
+    from lightning_cit.callbacks.proxymix.controller import ProxyMixController
+
+    # logits: old tasks 0 and log 3, the current task (2) and the future task would dominate if they counted
+    controller = ProxyMixController(policy_path=None, replay_share=0.2)
+    controller.use_policy(_constant_policy([0.0, math.log(3.0), 9.0, 9.0]), explore=False, seed=0)
+    assert controller.decide(_signals(0)) == [1.0, 0.0, 0.0, 0.0]  # task 0: only itself
+    assert controller.decide(_signals(1)) == pytest.approx([0.2, 0.8, 0.0, 0.0])  # one old task takes the whole share
+    weights = controller.decide(_signals(2))
+    # renormalised softmax over tasks < 2: e^0 / (1 + 3) = 0.25 and 0.75 of the share 0.2
+    assert weights == pytest.approx([0.05, 0.15, 0.8, 0.0])
+    assert weights[3] == 0.0 and sum(weights) == pytest.approx(1.0)
+    # without the constraint the same policy puts nearly everything on the current task (the paper's action)
+    free = ProxyMixController(policy_path=None)
+    free.use_policy(_constant_policy([0.0, math.log(3.0), 9.0, 9.0]), explore=False, seed=0)
+    assert free.decide(_signals(2))[2] > 0.99
+    with pytest.raises(ConfigError, match="replay_share"):
+        ProxyMixController(policy_path=None, replay_share=1.5)
+
+
+def test_replay_share_in_explore_mode_samples_and_records_only_the_split():
+    from lightning_cit.callbacks.proxymix.controller import ProxyMixController
+
+    policy = _constant_policy([0.5, -0.5, 2.0, 0.0])
+    controller = ProxyMixController(policy_path=None, replay_share=0.3)
+    controller.use_policy(policy, explore=True, seed=7)
+    controller.decide(_signals(1))
+    assert controller.pending is None  # one old task: nothing to choose
+    weights = controller.decide(_signals(3))
+    pending = controller.pending
+    assert pending["mask"] == [1.0, 1.0, 1.0, 0.0]  # the logits that act: tasks < 3
+    action = torch.tensor(pending["action"])
+    split = torch.softmax(action[:3], dim=0)  # the sampled logits, renormalised over the old tasks
+    assert weights == pytest.approx([0.3 * float(v) for v in split] + [0.7])
+    assert sum(weights) == pytest.approx(1.0)
+    # its log-probability is over those three logits only (std = e^0 = 1)
+    expected = torch.distributions.Normal(torch.tensor([0.5, -0.5, 2.0]), 1.0).log_prob(action[:3]).sum()
+    assert pending["log_prob"] == pytest.approx(float(expected), rel=1e-6)
+    assert controller.scores_section()["replay_share"] == 0.3
+
+
+def test_learning_curve_plateau_rule_by_hand():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from proxymix_curve import moving_average, plateau
+    finally:
+        sys.path.pop(0)
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert plateau([0.0] * 5, 3)["verdict"] == "too short"
+    flat = plateau([1.0, 3.0] * 10, 10)  # both windows: mean 2, sd sqrt(10/9)
+    assert flat["verdict"] == "plateau" and flat["difference"] == 0.0 and flat["sd_last"] == pytest.approx((10 / 9) ** 0.5)
+    rising = plateau([float(i) for i in range(20)], 10)  # means 4.5 -> 14.5, variances 55/6: t = 10 / sqrt(2 * 55/6 / 10)
+    assert rising["verdict"] == "rising" and rising["welch_t"] == pytest.approx(10 / (2 * 55 / 6 / 10) ** 0.5)

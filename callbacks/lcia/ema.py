@@ -281,8 +281,25 @@ class DynamicEMA(AdapterEMA):
         self.fallback = fallback
         self.prev_grad: dict[str, torch.Tensor] = {}
         self.prev_param: dict[str, torch.Tensor] = {}
-        self.stats = {"updates": 0, "fallbacks": 0.0, "weight_sum": 0.0}
+        self.stats = _zero_stats()
+        self.task_stats: dict[int, dict[str, Any]] = {}  # the same counters per task
         self.last_weights: torch.Tensor | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        pl_module.continual.register_scores_section(type(self).__name__, self.scores_section)
+
+    def scores_section(self) -> dict[str, Any]:
+        """Written to ``scores.json`` under ``methods.DynamicEMA``: how often the rule acted (the rest is the fallback).
+
+        ``fallback_rate``: mean over updates of the share of tensors whose w was the fallback;
+        ``updates_with_fallback_rate``: updates where at least one tensor took it, over all updates;
+        ``formula_fallback_rate``: ``fallback_rate`` without the updates that have no previous gradient
+        (a task's first, where the fallback is by construction, counted in ``no_history_updates``);
+        ``mean_weight``: mean w on the new parameters. The same per task under ``per_task``.
+        """
+        return {"rule": self.rule, "scale": self.scale, "fallback": self.fallback, "when": self.when,
+                **_summary(self.stats), "per_task": {str(t): _summary(v) for t, v in sorted(self.task_stats.items())}}
 
     def on_average_start(self, task: int) -> None:
         # the official code starts every task in a fresh process: no previous gradient carries over
@@ -302,9 +319,13 @@ class DynamicEMA(AdapterEMA):
             _remember(self.prev_param, names, params, prev_params)
         self.last_weights = weights
         # running sums stay tensors: a float() here would synchronize with the GPU at every step
-        self.stats["updates"] += 1
-        self.stats["fallbacks"] = self.stats["fallbacks"] + (weights == self.fallback).float().mean()
-        self.stats["weight_sum"] = self.stats["weight_sum"] + weights.mean()
+        fell_back = weights == self.fallback
+        for stats in (self.stats, self.task_stats.setdefault(self.task, _zero_stats())):
+            stats["updates"] += 1
+            stats["no_history"] += int(not have_history)
+            stats["fallbacks"] = stats["fallbacks"] + fell_back.float().mean()
+            stats["updates_with_fallback"] = stats["updates_with_fallback"] + fell_back.any().float()
+            stats["weight_sum"] = stats["weight_sum"] + weights.mean()
         pl_module = trainer.lightning_module
         pl_module.log("ema/weight_new_mean", weights.mean(), on_step=True, on_epoch=False, batch_size=1)
         return [w.to(p.dtype) for w, p in zip(weights.unbind(), params)]
@@ -357,14 +378,34 @@ class DynamicEMA(AdapterEMA):
         state = super().state_dict()
         state["prev_grad"] = {n: t.detach().cpu() for n, t in self.prev_grad.items()}
         state["prev_param"] = {n: t.detach().cpu() for n, t in self.prev_param.items()}
-        state["stats"] = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self.stats.items()}
+        state["stats"] = _plain(self.stats)
+        state["task_stats"] = {int(t): _plain(v) for t, v in self.task_stats.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.prev_grad = {n: t.clone() for n, t in state_dict.get("prev_grad", {}).items()}
         self.prev_param = {n: t.clone() for n, t in state_dict.get("prev_param", {}).items()}
-        self.stats = dict(state_dict.get("stats", self.stats))
+        self.stats = {**_zero_stats(), **state_dict.get("stats", {})}  # checkpoints before issue 19 lack some counters
+        self.task_stats = {int(t): {**_zero_stats(), **v} for t, v in state_dict.get("task_stats", {}).items()}
+
+
+def _zero_stats() -> dict[str, Any]:
+    return {"updates": 0, "no_history": 0, "fallbacks": 0.0, "updates_with_fallback": 0.0, "weight_sum": 0.0}
+
+
+def _plain(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in stats.items()}
+
+
+def _summary(stats: dict[str, Any]) -> dict[str, Any]:
+    s = _plain(stats)
+    n, fresh = s["updates"], s["updates"] - s["no_history"]
+    return {"updates": n, "no_history_updates": s["no_history"],
+            "fallback_rate": s["fallbacks"] / n if n else None,
+            "updates_with_fallback_rate": s["updates_with_fallback"] / n if n else None,
+            "formula_fallback_rate": (s["fallbacks"] - s["no_history"]) / fresh if fresh else None,
+            "mean_weight": s["weight_sum"] / n if n else None}
 
 
 

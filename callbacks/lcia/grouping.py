@@ -135,7 +135,8 @@ class InstructionGrouping(ContinualCallback):
         self.decisions: dict[str, dict[str, Any]] = {}
         self._slots: list[str] = []
         self._encoder = None
-        self._route_cache: dict[tuple, str | None] = {}
+        self._route_cache: dict[tuple, tuple[str | None, bool]] = {}
+        self.routing = {"batches": 0, "prompts": 0, "unmatched_batches": 0, "unmatched_prompts": 0}  # evaluation-time routes
 
     # ------------------------------------------------------------------------- similarity
     def instructions(self, samples: list[dict], seed: int = 0) -> list[str]:
@@ -179,10 +180,16 @@ class InstructionGrouping(ContinualCallback):
         if key not in self._route_cache:
             best, _ = self._best(instructions)
             if best is None and self.unmatched == "base":
-                self._route_cache[key] = BASE
+                self._route_cache[key] = (BASE, False)
             else:
-                self._route_cache[key] = self.groups[best if best is not None else -1]["adapter"]
-        return self._route_cache[key]
+                self._route_cache[key] = (self.groups[best if best is not None else -1]["adapter"], best is not None)
+        adapter, matched = self._route_cache[key]
+        self.routing["batches"] += 1
+        self.routing["prompts"] += len(samples)
+        if not matched:
+            self.routing["unmatched_batches"] += 1
+            self.routing["unmatched_prompts"] += len(samples)
+        return adapter
 
     roles = ("adapter-slots",)
     needs = Needs(data=DATA_TASKS)
@@ -264,6 +271,13 @@ class InstructionGrouping(ContinualCallback):
         return {
             "threshold": self.threshold,
             "similarity": self.similarity,
+            # groups opened, tasks that matched an existing group (reused it) or opened one, and the evaluation-time
+            # routing: prompt batches (and prompts) that matched no group and went to the `unmatched` rule
+            "groups_opened": len(self.groups),
+            "tasks_reused": sum(bool(d["reused"]) for d in self.decisions.values()),
+            "tasks_opened": sum(not d["reused"] for d in self.decisions.values()),
+            "unmatched": self.unmatched,
+            "routing": dict(self.routing),
             "groups": [{"adapter": g["adapter"], "tasks": list(g["tasks"]), "instructions": len(g["instructions"])} for g in self.groups],
             "decisions": {k: dict(v) for k, v in self.decisions.items()},
         }
@@ -272,6 +286,7 @@ class InstructionGrouping(ContinualCallback):
         return {
             "groups": [{"adapter": g["adapter"], "tasks": list(g["tasks"]), "instructions": list(g["instructions"])} for g in self.groups],
             "decisions": {k: {"group": int(v["group"]), "reused": bool(v["reused"]), "similarity": [float(s) for s in v["similarity"]]} for k, v in self.decisions.items()},
+            "routing": dict(self.routing),
             "task_events": self.task_events(),
         }
 
@@ -279,6 +294,7 @@ class InstructionGrouping(ContinualCallback):
         self.groups = [dict(g, tasks=list(g["tasks"]), instructions=list(g["instructions"])) for g in state_dict["groups"]]
         self.decisions = {k: dict(v) for k, v in state_dict["decisions"].items()}
         self._route_cache.clear()
+        self.routing = {**self.routing, **state_dict.get("routing", {})}
         self.load_task_events(state_dict)
 
 

@@ -110,6 +110,7 @@ def train(argv: list[str]) -> int:
             policy.eval()
             state["rollouts"] = []
             record["update"] = stats
+        record["log_std"] = [float(v) for v in policy.log_std.detach()]  # exploration after this episode's update (the learning curve reads it)
         state["history"].append(record)
         state["episode"] = episode + 1
         _save_train_state(work / STATE_FILE, settings, state, policy, optimizer, generator)

@@ -32,6 +32,15 @@ Decisions the paper leaves open (methods.md §3f), as decided here:
   over-refusal costs as much as a missed refusal: the evaluator's own safety score).
 - No floor on the current task's share: the reward's −Δℓ̃_k term is what keeps fresh data flowing.
 
+Budget-constrained action (``replay_share``, issue 19; not in the paper): the replay share of every
+batch is fixed, so ProxyMix can stand in a column of methods at equal replay budget. The current task
+gets ``1 − replay_share``; the policy only chooses the split over the earlier tasks, its masked softmax
+renormalised over tasks < k (Eq.5 with ``m_i = 1[i < k]``); task 0 trains on itself alone. The same
+constraint holds in explore mode, so a policy can be trained under it (``lightning-cit proxymix train``
+reads the controller's init args from the fit config): the recorded mask is then ``1[i < k]``, so PPO's
+log-probability and entropy cover only the logits that act, and a decision is recorded only where the
+split is a choice (k ≥ 2). A policy trained without the constraint can be run with it (same state and action).
+
 Checkpoint layout (``state_dict``): ``decisions`` (base class), ``losses`` (the running statistics),
 ``pending`` (the decision awaiting its reward), ``rollout`` (recorded transitions), ``rows_seen``,
 ``generator`` (action-sampling RNG) and ``policy_sha256`` (a resume with another policy file is refused).
@@ -115,6 +124,8 @@ class ProxyMixController(MixtureController):
         safety_weight: β of Eq.6 (used when a task with harmful/benign labels is evaluated).
         over_refusal_weight: γ of Eq.7.
         seed: seed of the action sampling (explore mode).
+        replay_share: fixed replay share of every batch from task 2 on; the policy chooses only its split over
+            the earlier tasks (module docstring). None = the policy chooses the whole mixture (the paper).
     """
 
     needs_probes = True
@@ -129,8 +140,13 @@ class ProxyMixController(MixtureController):
         safety_weight: float = 0.5,
         over_refusal_weight: float = 1.0,
         seed: int = 0,
+        replay_share: float | None = None,
     ) -> None:
         super().__init__(decision_interval=decision_interval)
+        if replay_share is not None and (isinstance(replay_share, bool) or not isinstance(replay_share, (int, float))
+                                         or not 0.0 <= float(replay_share) <= 1.0):
+            raise ConfigError(f"ProxyMixController.replay_share={replay_share!r} must lie in [0, 1] or be null (the policy chooses the share)")
+        self.replay_share = None if replay_share is None else float(replay_share)
         for name, value in (("forgetting_weight", forgetting_weight), ("safety_weight", safety_weight), ("over_refusal_weight", over_refusal_weight)):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"ProxyMixController.{name}={value!r} must be a number >= 0")
@@ -189,11 +205,18 @@ class ProxyMixController(MixtureController):
         levels, trends = self.losses.observe(signals.probe_losses[: k + 1])
         self._close_pending(trends, self._new_safety())
         state = build_state(levels, trends, k, signals.progress, spec.max_tasks)
-        mask = [1.0 if i <= k else 0.0 for i in range(spec.max_tasks)]
+        constrained = self.replay_share is not None
+        if constrained and k == 0:  # nothing to replay yet: no decision to take or record
+            return [1.0 if i == 0 else 0.0 for i in range(signals.num_tasks)]
+        # the logits that act: every seen task, or (constrained) only the earlier tasks' split
+        mask = [1.0 if (i < k if constrained else i <= k) else 0.0 for i in range(spec.max_tasks)]
         step = self.policy.act(torch.tensor(state), torch.tensor(mask), deterministic=not self.explore, generator=self.generator)
         weights = masked_softmax(step["action"], torch.tensor(mask))[: signals.num_tasks].tolist()
-        weights = [w if i <= k else 0.0 for i, w in enumerate(weights)]  # exact zeros for future tasks
-        if self.explore and k >= 1:  # with one source there is no choice to learn from
+        if constrained:
+            weights = [self.replay_share * w if i < k else (1.0 - self.replay_share if i == k else 0.0) for i, w in enumerate(weights)]
+        else:
+            weights = [w if i <= k else 0.0 for i, w in enumerate(weights)]  # exact zeros for future tasks
+        if self.explore and (k >= 2 if constrained else k >= 1):  # with one source (one old task) there is no choice to learn from
             self.pending = {"state": state, "action": step["action"].tolist(), "mask": mask, "log_prob": step["log_prob"],
                             "value": step["value"], "task": k, "step": signals.step}
         return weights
@@ -248,6 +271,7 @@ class ProxyMixController(MixtureController):
             "policy_path": self.policy_path,
             "policy_sha256": self.policy_sha256,
             "explore": self.explore,
+            "replay_share": self.replay_share,
             "decisions": len(self.decisions),
             "mean_replay_share_per_task": {str(k): sum(v) / len(v) for k, v in sorted(per_task.items())},
             "episode_reward": sum(t["reward"] for t in self.rollout) if self.explore else None,
