@@ -670,6 +670,10 @@ def write_report(grid: Grid, records: list[dict], out: Path, command: str, secon
         lines.append("Learned right after training (diagonal, mean over this setting's runs): "
                      + ", ".join(f"{t} {_fmt(mean_se([c['diagonal'][i] for c in cells])[0])}" for i, t in enumerate(tasks)) + ".")
         del diag
+        steps = sorted({int(c["optimizer_steps"]) for c in cells})
+        tokens = [c["tokens"] for c in cells]
+        lines.append(f"Every run: {' / '.join(map(str, steps))} optimizer steps, {min(tokens):,.0f}–{max(tokens):,.0f} training tokens "
+                     "(non-padding positions of the training batches).")
         lines += ["", "| method | budget | share | seeds | acc | bwt_gem | nta | ref | Δacc vs ref [95%] | Δbwt vs ref [95%] | FLOPs ÷ base | CPU ÷ base | extra fwd pos. |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         order = {m.name: i for i, m in enumerate(grid.methods)}
