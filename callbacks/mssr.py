@@ -330,6 +330,12 @@ class MSSRReplay(MixtureController):
             self._event_steps = set(replay_event_steps(self.first_interval, self.eta_p, self.rho_p, total))
             if self.budget is not None:
                 self.match_budget(range(dm.task_start_step(1) if dm.num_tasks > 1 else total, total))
+            pl_module.continual.register_scores_section(type(self).__name__, self.scores_section)
+
+    def scores_section(self) -> dict[str, Any]:
+        """Written to ``scores.json`` under ``methods.MSSRReplay``: the schedule as solved and the hazard scale per task."""
+        return {"schedule": self.schedule, "budget": self.budget, "lambda_0": self.lambda_0, "lambda_min": self.lambda_min,
+                "fixed_ratio": self.fixed_ratio, "hazard_unit": self.hazard_unit, "review_intervals": list(self.review_intervals)}
 
     def match_budget(self, steps: range) -> None:
         """Set ``lambda_0`` (``fixed_ratio`` with ``schedule="fixed"``) so that the mean ``ratio_at`` over ``steps`` is ``budget``.

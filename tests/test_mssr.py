@@ -98,6 +98,9 @@ def test_resume_mid_schedule_reproduces_replay_decisions(tmp_path, mode, unit):
     record["init_args"]["out_dir"] = str(tmp_path / "rec_resumed")
     resumed = run(small_config(tmp_path, controller, [record]), tmp_path / "resumed", "--ckpt_path", str(ckpt))
     assert resumed["matrix"] == full["matrix"]
+    section = full["methods"]["MSSRReplay"]  # the solved schedule and, per review interval, the hazard scale of every task
+    assert section["hazard_unit"] == unit and section["lambda_0"] == 0.3
+    assert [r["task"] for r in section["review_intervals"]] == ([0, 1, 2] if unit == "review" else [])  # one record per task start
     a = json.loads((tmp_path / "rec_full" / "rank0.json").read_text())
     b = json.loads((tmp_path / "rec_resumed" / "rank0.json").read_text())
     assert b["schedule"] == a["schedule"]
