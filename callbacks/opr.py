@@ -68,6 +68,16 @@ KEEP = ("top", "bottom")
 TIE_BREAKS = ("random", "data_order")
 
 
+def _flashbacks(dm: Any, task: int) -> list[dict]:
+    """Answerless prompts another method stored in ``task``'s buffer (JFA's flashbacks): kept when OPR rewrites it.
+
+    OPR rebuilds every buffer at every task end; without this, OPR + JFA in one run would silently drop JFA's
+    flashback prompts (the KL term would have nothing to act on).
+    """
+    buffer = dm.memory.buffers.get(task)
+    return [e for e in (buffer.entries if buffer is not None else []) if isinstance(e, dict) and e.get("prompt_only")]
+
+
 def load_reward(path: str) -> Callable[..., float]:
     """Import ``"package.module:function"`` (a config can make the program import and run code)."""
     if ":" not in path:
@@ -224,7 +234,7 @@ class OnPolicyReplay(ContinualCallback):
         if self.answers == "gold":
             for j in range(finished + 1):
                 dm.end_task(j)
-                dm.memory.replace(j, sorted(pools[j][:n_per]))  # references into the task's data: the gold answers
+                dm.memory.replace(j, sorted(pools[j][:n_per]) + _flashbacks(dm, j))  # references into the task's data: the gold answers
                 record["kept"].append(dm.memory.size(j))
             return record
         rank, world = trainer.global_rank, trainer.world_size
@@ -265,7 +275,7 @@ class OnPolicyReplay(ContinualCallback):
                     "opr_score": float(score),
                 })
             dm.end_task(j)
-            dm.memory.replace(j, entries)  # the memory's one way to rewrite a buffer: its version changes
+            dm.memory.replace(j, entries + _flashbacks(dm, j))  # the memory's one way to rewrite a buffer: its version changes
             kept = [e["opr_score"] for e in entries]
             every = [s for _, s in scores]
             record["kept"].append(len(entries))

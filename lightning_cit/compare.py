@@ -646,6 +646,10 @@ def write_report(grid: Grid, records: list[dict], out: Path, command: str, secon
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(grid, summary, records, out)
     lines = [f"# {grid.title}", "", f"Regenerate: `{command}` (grid `{grid.path}`)."]
+    cpu_total = sum(r["cost"]["cpu_s"]["total"] for r in records)
+    lines.append(f"The {len(records)} runs here took {cpu_total / 3600:.2f} CPU-hours in all (each run's process CPU time, one torch "
+                 f"thread; process start-up and imports not included): about {cpu_total / 7200:.1f} h of wall time on 2 idle cores "
+                 "with `--parallel 2`.")
     if seconds is not None:
         lines.append(f"The last invocation took {seconds / 60:.1f} min wall; the report holds {len(records)} finished runs "
                      f"(per-run wall time, single-threaded, is in compare.json).")
@@ -733,7 +737,7 @@ def _main(argv: list[str] | None = None) -> int:
         grid = quick_grid(grid)
     runs_dir = Path(args.runs or ("runs/compare-quick" if args.quick else "runs/compare")).resolve()
     stem = Path(args.out or ("runs/compare-quick/compare" if args.quick else "docs/results/compare"))
-    command = "lightning-cit compare " + " ".join(argv if argv is not None else sys.argv[2:])
+    command = f"lightning-cit compare {args.grid}" + (" --quick" if args.quick else "")  # what regenerates the whole report
     for flag, chosen, valid in (("--methods", args.methods, [m.name for m in grid.methods]), ("--settings", args.settings, [s.name for s in grid.settings])):
         unknown = [c for c in chosen or [] if c not in valid]
         if unknown:

@@ -248,3 +248,14 @@ def test_ddp_ranks_split_the_rollout_and_hold_identical_buffers(tmp_path):
         pool = opr.candidates(dm, int(j))
         assert {pool.index(e["prompt_index"]) % 2 for e in entries} == {0, 1}
     assert r0["history"][0]["candidates"] == [24]
+
+
+def test_rebuilt_buffers_keep_another_methods_flashback_prompts():
+    """OPR + JFA in one run: OPR rewrites every buffer at a task end, and JFA's answerless prompts stay in it."""
+    opr, module, dm, trainer = small_setup(budget=4, answers="gold")
+    dm.end_task(0)
+    flashback = {"messages": [{"role": "user", "content": "Encode with key A: abcdef"}], "response": "x", "prompt_only": True}
+    dm.memory.extend(0, [flashback])
+    opr.rebuild_buffers(trainer, module, finished=0)
+    entries = dm.memory.buffers[0].entries
+    assert flashback in entries and len(entries) == 4 + 1  # 4 gold references + the flashback
