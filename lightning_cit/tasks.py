@@ -295,7 +295,7 @@ def _scan_jsonl(spec: TaskSpec, path: Path) -> tuple[Any, Any, str]:
                 raise TaskDataError(
                     f"task {spec.name!r}: {path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x}); save the file as UTF-8"
                 ) from None
-            if "\r" in (text[:-2] if text.endswith("\r\n") else text):  # a '\r' alone ends a line in text mode
+            if "\r" in (text.removesuffix("\r\n")):  # a '\r' alone ends a line in text mode
                 return None, None, ""
             if lineno == 1:
                 text = text.removeprefix("\ufeff")
