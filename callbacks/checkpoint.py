@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_cit.errors import ConfigError
+from lightning_cit.results import human_size
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,13 @@ def callback_state_bytes(callbacks: list[Any], trainable_bytes: int) -> tuple[in
         if isinstance(callback, AdapterEMA):
             copies = 1 + (1 + int(callback.rule == "paper") if isinstance(callback, DynamicEMA) else 0)
             size = copies * (_tensor_bytes(callback.ema.values()) or trainable_bytes)
-            parts.append(f"{name} {copies} cop{'y' if copies == 1 else 'ies'} {_size(size)}")
+            parts.append(f"{name} {copies} cop{'y' if copies == 1 else 'ies'} {human_size(size)}")
         elif isinstance(callback, JointFlashbackAdaptation):
             frozen, snapshot = callback._frozen, callback._snapshot
             size = (_tensor_bytes(frozen.state_dict().values()) if frozen is not None
                     else _tensor_bytes(snapshot.values()) if snapshot is not None
                     else 0 if callback.reference == "base" else trainable_bytes)  # previous_task: taken at the first task end
-            parts.append(f"{name} reference {_size(size)}")
+            parts.append(f"{name} reference {human_size(size)}")
         else:
             continue
         total += size
@@ -150,9 +151,9 @@ class TaskCheckpoint(ModelCheckpoint):
         estimate = checkpoint_disk_estimate(param_bytes, trainable_bytes, adapter_only, tasks, self.save_top_k,
                                             steps // every if every else 0, self.keep_mid_task, bool(self.save_last), state_bytes)
         states = f"callback states: {', '.join(parts)}" if parts else "no weight-sized callback state"
-        print(f"checkpoints: about {_size(estimate.per_file)} each ({'adapters only' if adapter_only else 'all weights'} + optimizer; "
+        print(f"checkpoints: about {human_size(estimate.per_file)} each ({'adapters only' if adapter_only else 'all weights'} + optimizer; "
               f"{states}; small states such as histories and buffer indices not counted), "
-              f"at most {estimate.files} files, about {_size(estimate.total)} in {self.dirpath} "
+              f"at most {estimate.files} files, about {human_size(estimate.total)} in {self.dirpath} "
               f"(keep_mid_task={self.keep_mid_task}, save_top_k={self.save_top_k})", flush=True)
 
     def state_dict(self) -> dict[str, Any]:
@@ -179,12 +180,6 @@ def split_stale(paths: list[str], keep: int) -> tuple[list[str], list[str]]:
     return paths[:cut], paths[cut:]
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 __all__ = ["DiskEstimate", "TaskCheckpoint", "callback_state_bytes", "checkpoint_disk_estimate", "split_stale"]

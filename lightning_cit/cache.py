@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_cit.base import cache_root
-from lightning_cit.results import atomic_write_json
+from lightning_cit.results import atomic_write_json, human_size
 
 RECORD = "lightning-cit-entries.json"
 
@@ -134,14 +134,6 @@ def clean(root: Path, older_than_days: float | None = None, everything: bool = F
     return removed
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lightning-cit cache", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", default=None, help="the cache root (default: $LIGHTNING_CIT_CACHE or ~/.cache/lightning-cit)")
@@ -159,15 +151,15 @@ def main(argv: list[str]) -> int:
         entries = list_entries(root)
         for e in entries:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(e.get("last_used", 0))))
-            print(f"{_size(e.get('bytes', 0)):>9}  {used}  {'stale' if e['stale'] else 'ok   '}  {e['path']}  <- {e.get('source')}")
-        print(f"{len(entries)} recorded entries, {_size(sum(e.get('bytes', 0) for e in entries))} in {root} "
+            print(f"{human_size(e.get('bytes', 0)):>9}  {used}  {'stale' if e['stale'] else 'ok   '}  {e['path']}  <- {e.get('source')}")
+        print(f"{len(entries)} recorded entries, {human_size(sum(e.get('bytes', 0) for e in entries))} in {root} "
               f"({sum(e['stale'] for e in entries)} stale); files this library did not record are not listed")
         return 0
     removed = clean(root, args.older_than, args.all, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for e in removed:
-        print(f"{verb} {e['path']} ({_size(e.get('bytes', 0))}) <- {e.get('source')}")
-    print(f"{verb} {len(removed)} entries, {_size(sum(e.get('bytes', 0) for e in removed))}")
+        print(f"{verb} {e['path']} ({human_size(e.get('bytes', 0))}) <- {e.get('source')}")
+    print(f"{verb} {len(removed)} entries, {human_size(sum(e.get('bytes', 0) for e in removed))}")
     return 0
 
 

@@ -32,6 +32,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def human_size(n: float) -> str:
+    """Bytes as ``123 B`` / ``4.5 MB`` (powers of 1024), for the disk lines the library prints."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None  # JSON has no NaN; an undefined metric is null

@@ -316,13 +316,7 @@ def _read_rows(spec: TaskSpec, path: Path, starts: Any, lines: Any, rows: list[i
             if row == 0:
                 text = text.removeprefix("\ufeff")
             where = f"{path}:{int(lines[row])}"
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise TaskDataError(f"task {spec.name!r}: {where}: malformed JSON line ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskDataError(f"task {spec.name!r}: {where}: expected a JSON object, got {type(record).__name__}")
-            out[row] = _normalize(spec, record, where)
+            out[row] = _normalize(spec, _json_object(spec, text, where), where)
     return out
 
 
@@ -628,19 +622,24 @@ def _read_source(spec: TaskSpec, source: str, seed: int, split: str) -> list[tup
     )
 
 
+def _json_object(spec: Any, line: str, where: str) -> dict:
+    """One JSONL line as a record, or an error naming the task, file:line and what is wrong."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TaskDataError(f"task {spec.name!r}: {where}: malformed JSON line ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise TaskDataError(f"task {spec.name!r}: {where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _read_jsonl(spec: TaskSpec, path: Path) -> list[tuple[str, dict]]:
     records = []
     # newline=None: the same universal-newline line splitting as reading the file in text mode
     for lineno, line in enumerate(io.StringIO(_read_text(spec, path), newline=None), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: malformed JSON line ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise TaskDataError(f"task {spec.name!r}: {path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        records.append((f"{path}:{lineno}", record))
+        records.append((f"{path}:{lineno}", _json_object(spec, line, f"{path}:{lineno}")))
     return records
 
 
