@@ -8,7 +8,9 @@ counts what actually happened:
 - **Replay share**, from the sampler's own records: every training batch carries ``is_replay`` (set by
   the :class:`~lightning_cit.sampler.MixtureSampler` for each drawn sample, flashback prompts
   included) and ``task_ids``. ``replay_share`` is replayed samples ÷ all samples over the tasks where
-  replay is possible (every task but the first); ``replay_share_per_task`` gives each task's.
+  replay is possible (every task but the first); ``replay_share_per_task`` gives each task's. Batches
+  without ``is_replay`` (a DataModule of your own) make both ``null``, with ``replay_share_unknown`` saying
+  why: a share counted as if nothing were replayed would be silently wrong.
 - **Training work**: optimizer steps, samples, tokens (non-padding positions) and supervised tokens.
 - **Extra passes**: a forward hook on the module's model counts every forward and the positions it
   computes, with or without gradient, under the label of the :meth:`~lightning_cit.contract.ContinualRegistry.cost_scope`
@@ -41,7 +43,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_cit.contract import ContinualCallback, current_cost_scope
+from lightning_cit.contract import ContinualCallback, Needs, current_cost_scope
 from lightning_cit.results import atomic_write_json
 
 TRAIN, OTHER = "train", "other"
@@ -81,6 +83,8 @@ class CostMeter(ContinualCallback):
         filename: the file written into ``trainer.log_dir`` (null: write nothing, log ``cost/*`` only).
     """
 
+    needs = Needs(batch=("input_ids",))
+
     def __init__(self, filename: str | None = "cost.json") -> None:
         self.filename = filename
         self.local = self._empty()  # this rank's counts since the last reduction
@@ -98,6 +102,7 @@ class CostMeter(ContinualCallback):
             "optimizer_steps": 0,
             "samples": defaultdict(float),  # task -> samples trained
             "replay_samples": defaultdict(float),  # task -> of which replayed
+            "unlabelled_samples": 0.0,  # samples of batches without is_replay (a DataModule that does not say)
             "tokens": 0.0,
             "supervised_tokens": 0.0,
             "forwards": defaultdict(float),  # scope -> forward calls
@@ -149,11 +154,15 @@ class CostMeter(ContinualCallback):
             self.local["backward_positions"][scope] += positions
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         task = pl_module.task_clock.task_of(trainer)
         size = len(batch["input_ids"])
-        replay = batch.get("is_replay")
         self.local["samples"][task] += size
-        self.local["replay_samples"][task] += float(replay.sum()) if replay is not None else 0.0
+        replay = batch.get("is_replay")
+        if replay is None:
+            self.local["unlabelled_samples"] += size
+        else:
+            self.local["replay_samples"][task] += float(replay.sum())
         mask = batch.get("attention_mask")
         self.local["tokens"] += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
         labels = batch.get("labels")
@@ -162,6 +171,7 @@ class CostMeter(ContinualCallback):
         self._in_batch = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._in_batch = False
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self.local["optimizer_steps"] += 1
@@ -181,8 +191,10 @@ class CostMeter(ContinualCallback):
         if self.filename:
             self._write(os.path.join(out, self.filename), report)
         if trainer.logger is not None:
-            trainer.logger.log_metrics({"cost/replay_share": report["replay_share"], "cost/flops": report["flops"]["total"],
-                                        "cost/cpu_s": report["cpu_s"]["total"]}, step=trainer.global_step)
+            metrics = {"cost/flops": report["flops"]["total"], "cost/cpu_s": report["cpu_s"]["total"]}
+            if report["replay_share"] is not None:
+                metrics["cost/replay_share"] = report["replay_share"]
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     @rank_zero_only
     def _write(self, path: str, report: dict[str, Any]) -> None:
@@ -238,9 +250,14 @@ class CostMeter(ContinualCallback):
         backward = sum(t["backward_positions"].values())
         per_scope_flops = {s: 2 * n * t["forward_positions"][s] + 4 * n * t["backward_positions"].get(s, 0.0) for s in t["forward_positions"]}
         cpu = dict(t["cpu_s"])
+        unlabelled = int(t.get("unlabelled_samples", 0))
+        known = not unlabelled  # a share counted over batches that did not say what they replayed would be wrong
         return {
-            "replay_share": replay_after_first / samples_after_first if samples_after_first else 0.0,
-            "replay_share_per_task": {str(k): (t["replay_samples"][k] / t["samples"][k] if t["samples"][k] else 0.0) for k in tasks},
+            "replay_share": (replay_after_first / samples_after_first if samples_after_first else 0.0) if known else None,
+            "replay_share_per_task": {str(k): (t["replay_samples"][k] / t["samples"][k] if t["samples"][k] else 0.0) if known else None
+                                      for k in tasks},
+            **({} if known else {"replay_share_unknown": f"{unlabelled} trained samples came in batches without 'is_replay' "
+                                                         "(lightning_cit's DataModule adds it; a DataModule of your own must, for a share)"}),
             "optimizer_steps": int(t["optimizer_steps"]),
             "samples": int(sum(t["samples"].values())),
             "replay_samples": int(sum(t["replay_samples"].values())),

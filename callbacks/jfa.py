@@ -270,7 +270,8 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
 
     # -------------------------------------------------------------------------------- set-up
     roles = ("snapshot",)
-    needs = Needs(module=("add_loss_component", "register_trainable_module", "tokenizer", "model"), data=DATA_MEMORY + ("end_task",))
+    needs = Needs(module=("add_loss_component", "register_trainable_module", "tokenizer", "model"), data=DATA_MEMORY + ("end_task",),
+                  batch=("input_ids", "attention_mask", "labels"))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)  # fit: the contract check, one error listing everything missing
@@ -356,6 +357,7 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
 
     # ------------------------------------------------------------------------------- latent tasks
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.latent_tasks:
             pool = getattr(pl_module, POOL_ATTRIBUTE)
             pool.active = pool.retrieve(self.embed(pl_module.tokenizer, batch).to(pool.keys.device))

@@ -117,6 +117,7 @@ class MixtureController(ContinualCallback):
         self._decide_for(trainer, batch=0)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         dm = trainer.datamodule
         target = batch_idx + dm.draw_ahead
         if target < dm.batches_for(pl_module.task_clock.task_of(trainer)) and self.is_decision_batch(trainer, target):

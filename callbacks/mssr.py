@@ -320,7 +320,8 @@ class MSSRReplay(MixtureController):
         self._event_steps: set[int] = set()
 
     # ------------------------------------------------------------------------------------ scheduling
-    needs = Needs(module=("sample_losses",), data=DATA_MIXTURE + ("buffer_samples", "sample_id_of", "global_batch_size"), step_outputs=("per_sample_loss",))
+    needs = Needs(module=("sample_losses",), data=DATA_MIXTURE + ("buffer_samples", "sample_id_of", "global_batch_size"),
+                  batch=("sample_ids", "source_ids", "is_replay"), step_outputs=("per_sample_loss",))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -454,6 +455,7 @@ class MSSRReplay(MixtureController):
 
     # ------------------------------------------------------------------------------------ reviews
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._review(trainer, outputs, batch)
         step = pl_module.task_clock.sequence_step(trainer, trainer.datamodule)
         if self.rescore_interval and step % self.rescore_interval == 0 and step != getattr(self, "_last_rescore", -1):

@@ -38,7 +38,7 @@ import contextvars
 import functools
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -170,10 +170,16 @@ class TaskClock:
 # ============================================================================================ requirements
 @dataclass(frozen=True)
 class Needs:
-    """What a callback uses: module members, data members, ``training_step`` output keys, a PEFT model."""
+    """What a callback uses: module members, data members, training-batch keys, ``training_step`` output keys, a PEFT model.
+
+    ``module``, ``data`` and ``peft`` are checked at ``setup``; ``batch`` and ``step_outputs`` can only be seen
+    when the first training batch arrives and its step returns, and are checked then, once per fit, for every
+    registered callback together (:meth:`ContinualRegistry.check_batch`, :meth:`ContinualRegistry.check_step_outputs`).
+    """
 
     module: tuple[str, ...] = ()
     data: tuple[str, ...] = ()
+    batch: tuple[str, ...] = ()
     step_outputs: tuple[str, ...] = ()
     peft: bool = False
     why: str = ""
@@ -231,7 +237,8 @@ class ContinualCallback(Callback):
 
     Subclasses state :attr:`needs` and :attr:`roles`, and override :meth:`on_task_start` /
     :meth:`on_task_end` instead of reading epochs. Hooks they override (``setup``, ``on_train_start``,
-    ``on_train_epoch_start``, ``on_train_epoch_end``, ``on_train_end``) must call ``super()``; their
+    ``on_train_batch_start``, ``on_train_batch_end``, ``on_train_epoch_start``, ``on_train_epoch_end``,
+    ``on_train_end``) must call ``super()``; their
     ``state_dict`` must include :meth:`task_events` (``super().state_dict()``).
     """
 
@@ -256,6 +263,12 @@ class ContinualCallback(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         pl_module.task_clock.start_fit(trainer)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.continual.check_batch(batch)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pl_module.continual.check_step_outputs(outputs)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         task = pl_module.task_clock.task_of(trainer)
@@ -318,6 +331,31 @@ class ContinualRegistry:
         self.services: dict[str, Any] = {}
         self.score_sections: dict[str, Any] = {}
         self._ended: set[int] = set()
+        self._checked: set[str] = set()
+
+    def check_batch(self, batch: Any) -> None:
+        """Once per fit, at the first training batch: one error listing every registered callback's missing batch keys."""
+        self._check_keys("batch", batch, "training batches lack keys", "the batch is a {kind}, not a mapping",
+                         "yield them from your DataModule's collate function (lightning_cit.collate.Collator adds them all)")
+
+    def check_step_outputs(self, outputs: Any) -> None:
+        """Once per fit, after the first training step: one error listing every registered callback's missing step outputs."""
+        self._check_keys("step_outputs", outputs, "training_step's returned dict lacks keys", "training_step returned a {kind}, not a dict",
+                         "return them from training_step (lightning_cit.ContinualModule.training_step does)")
+
+    def _check_keys(self, field: str, got: Any, lack: str, not_mapping: str, fix: str) -> None:
+        if field in self._checked:
+            return
+        self._checked.add(field)
+        wanted = [(type(c).__name__, getattr(c.needs, field)) for c in self.callbacks if getattr(c.needs, field)]
+        if not wanted:
+            return
+        if not isinstance(got, Mapping):
+            problems = [f"{name} needs {list(keys)}: " + not_mapping.format(kind=type(got).__name__) for name, keys in wanted]
+        else:
+            problems = [f"{name} needs {[k for k in keys if k not in got]}" for name, keys in wanted if any(k not in got for k in keys)]
+        if problems:
+            raise ContractError(f"lightning-cit callbacks cannot run: {lack}; {fix}:\n  - " + "\n  - ".join(problems))
 
     def register_callback(self, callback: ContinualCallback) -> None:
         if any(c is callback for c in self.callbacks):

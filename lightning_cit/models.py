@@ -56,16 +56,18 @@ def model_source(name: str, model_dir: str | None, tiny: TinyLlama, cache_dir: s
         return None
     if name.startswith("random:"):
         return name
-    if name == "aligned-base":
-        from lightning_cit.base import ensure_aligned_base
+    from lightning_cit.base import RECIPES, ensure_aligned_base
 
-        return ensure_aligned_base(tiny, cache_dir=cache_dir)
+    if name in RECIPES:
+        return ensure_aligned_base(tiny, cache_dir=cache_dir, recipe=name)
     return model_dir or os.path.expanduser(name)
 
 
 def load_tokenizer(name: str, model_dir: str | None, tokenizer: str | None) -> Any:
     """The tokenizer: the built-in character tokenizer for tiny/aligned/random models, else the checkpoint's (offline)."""
-    if tokenizer is None and (name in ("tiny", "aligned-base") or name.startswith("random:")):
+    from lightning_cit.base import RECIPES
+
+    if tokenizer is None and (name == "tiny" or name in RECIPES or name.startswith("random:")):
         from lightning_cit.synth import build_char_tokenizer
 
         return build_char_tokenizer()  # the aligned base is saved with this same tokenizer

@@ -43,7 +43,7 @@ class ContinualLM(ContinualModule, pl.LightningModule):
     """A causal LM tuned on a sequence of instruction tasks.
 
     Args:
-        model: ``tiny``, ``aligned-base``, a named model converted once into the cache (``smollm2-135m-instruct``:
+        model: ``tiny``, ``aligned-base`` / ``aligned-base-general`` (:mod:`lightning_cit.base`), a named model converted once into the cache (``smollm2-135m-instruct``:
             ``lightning-cit convert-gguf``) or a local Hugging Face checkpoint directory.
         tiny: architecture of ``tiny`` / ``aligned-base``.
         tokenizer: a local tokenizer directory; None uses the model's own (or the built-in one).
@@ -114,9 +114,11 @@ class ContinualLM(ContinualModule, pl.LightningModule):
 
         # a named model (e.g. smollm2-135m-instruct) is a cached folder made once by `lightning-cit convert-gguf`
         self.model_dir = resolve_named_model(model, base_cache_dir) if model in NAMED_MODELS else None
-        if model not in ("tiny", "aligned-base") and self.model_dir is None and not is_random(model) and not os.path.isdir(os.path.expanduser(model)):
+        from lightning_cit.base import RECIPES
+
+        if model != "tiny" and model not in RECIPES and self.model_dir is None and not is_random(model) and not os.path.isdir(os.path.expanduser(model)):
             raise ConfigError(
-                f"model.model={model!r} is neither 'tiny', 'aligned-base', a named model ({', '.join(NAMED_MODELS)}) "
+                f"model.model={model!r} is neither 'tiny', an aligned base ({', '.join(RECIPES)}), a named model ({', '.join(NAMED_MODELS)}) "
                 "nor an existing local checkpoint directory"
             )
         self.save_hyperparameters()

@@ -17,6 +17,8 @@ shift      rotate the word left by two letters              edit_similarity  a p
 compare    pick the larger of two numbers (option A or B)   mc_accuracy      multiple choice by
                                                                              option log-likelihood
 echo       repeat the word (general pre-training mix)       exact_match      aligned base only
+general    repeat a string of letters, capitals, digits    exact_match      aligned-base-general
+           and punctuation                                                  only
 ========== =============================================== ================ =====================
 
 Two more families, for sequences with other kinds of interference (``docs/results/compare-settings.md``):
@@ -110,6 +112,17 @@ def _echo(rng: random.Random) -> dict:
     return {"prompt": f"Repeat: {word}", "response": word}
 
 
+_GENERAL_CHARS = string.ascii_letters + string.digits + " ()!?.,"
+
+
+def _general(rng: random.Random) -> dict:
+    """Repeat a string over letters, capitals, digits and punctuation: the wider pre-training mixture of the
+    ``aligned-base-general`` base (:mod:`lightning_cit.base`), so no character a later task uses has a
+    never-trained embedding. Copying only: it teaches no task's mapping."""
+    text = "".join(rng.choice(_GENERAL_CHARS) for _ in range(rng.randint(3, 12))).strip() or "x"
+    return {"prompt": f"Repeat: {text}", "response": text}
+
+
 def _compare(rng: random.Random) -> dict:
     a, b = rng.sample(range(10), 2)
     options = ["A", "B"]
@@ -191,6 +204,7 @@ GENERATORS: dict[str, Callable[[random.Random], dict]] = {
     "shift": _shift,
     "compare": _compare,
     "echo": _echo,
+    "general": _general,
     "disjoint_caps": _disjoint_caps,
     "disjoint_digits": _disjoint_digits,
     "disjoint_symbols": _disjoint_symbols,
@@ -205,6 +219,7 @@ DEFAULT_METRICS = {
     "shift": "edit_similarity",
     "compare": "mc_accuracy",
     "echo": "exact_match",
+    "general": "exact_match",
     "disjoint_caps": "edit_similarity",
     "disjoint_digits": "edit_similarity",
     "disjoint_symbols": "edit_similarity",

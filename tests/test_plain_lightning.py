@@ -263,6 +263,40 @@ def test_a_fit_without_an_end_and_a_datamodule_for_the_wrong_style_are_refused(t
         trainer.fit(module, datamodule=_our_data(module, records))
 
 
+def test_missing_batch_keys_and_step_outputs_are_one_error_at_the_first_step():
+    from lightning_cit.callbacks import CostMeter
+
+    from lightning_cit.contract import ContinualRegistry
+
+    registry = ContinualRegistry()
+    for callback in (MSSRReplay(), JointFlashbackAdaptation(), CostMeter()):
+        registry.register_callback(callback)
+    with pytest.raises(ContractError) as err:
+        registry.check_batch({"input_ids": torch.zeros(2, 3), "labels": torch.zeros(2, 3)})
+    message = str(err.value)
+    assert "training batches lack keys" in message
+    assert "MSSRReplay needs ['sample_ids', 'source_ids', 'is_replay']" in message
+    assert "JointFlashbackAdaptation needs ['attention_mask']" in message
+    assert "CostMeter" not in message  # it has its input_ids
+    registry.check_batch({})  # checked once per fit: the first batch decides
+    with pytest.raises(ContractError, match=r"MSSRReplay needs \['per_sample_loss'\]: training_step returned a Tensor"):
+        registry.check_step_outputs(torch.tensor(1.0))
+
+
+def test_the_cost_meter_with_a_datamodule_that_does_not_mark_replay_reports_no_share(tmp_path):
+    import json
+
+    from lightning_cit.callbacks import CostMeter
+
+    module, records = project.MyCausalLM(hidden=32), _records(tasks=2)
+    meter = CostMeter()
+    trainers = _train("fit", module, records, [meter], steps=3, default_root_dir=str(tmp_path))
+    report = json.loads((tmp_path / "cost.json").read_text())
+    assert report["replay_share"] is None and set(report["replay_share_per_task"].values()) == {None}
+    assert report["replay_share_unknown"].startswith("96 trained samples came in batches without 'is_replay'")
+    assert report["optimizer_steps"] == 6 and len(trainers) == 2
+
+
 # ------------------------------------------------------------------------------------------- resume, one fit per task
 class CrashAt(Callback):
     def __init__(self, fit: int, step: int) -> None:

@@ -208,6 +208,7 @@ class ForgettingEvaluator(ContinualCallback):
                 self._evaluate_row(trainer, pl_module, "base")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         if self.probe_every_n_steps is None or step == self.probes.last_probe_step or step % self.probe_every_n_steps:
             return

@@ -113,6 +113,7 @@ class AdapterEMA(ContinualCallback):
         self._start_task(pl_module, task)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._ensure_tracked(pl_module)
 
     def _ensure_tracked(self, pl_module: pl.LightningModule) -> None:
@@ -121,6 +122,7 @@ class AdapterEMA(ContinualCallback):
             self._tracked = [(n, params[n]) for n in self._tracked_names]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step_idx = trainer.global_step - 1
         if trainer.global_step <= self._latest_update_step:  # no optimizer step in this batch (accumulation)
             return
