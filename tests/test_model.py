@@ -77,6 +77,29 @@ def test_aligned_base_is_prepared_once_and_loads_offline(tmp_path):
     assert module.tokenizer.chat_template
 
 
+def test_the_two_aligned_base_recipes_are_cached_apart_and_v1_keeps_its_key(tmp_path):
+    import hashlib
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from lightning_cit.base import RECIPES
+    from lightning_cit.synth import generate
+
+    shape = TinyLlama(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    general = ensure_aligned_base(shape, cache_dir=str(tmp_path), steps=3, recipe="aligned-base-general")
+    assert Path(general).name.startswith("aligned-base-general-") and general != ensure_aligned_base(shape, cache_dir=str(tmp_path), steps=3)
+    # the default base's cache key predates the second recipe: bases cached before are reused, results regenerate
+    key = hashlib.sha256(json.dumps({"shape": asdict(TinyLlama()), "recipe": RECIPES["aligned-base"]}, sort_keys=True).encode()).hexdigest()[:12]
+    assert key == "e12aa29240ee"
+    # the wider mixture covers every character the cit-synth tasks use (digits and option letters for compare)
+    seen = set("".join(r["prompt"] for r in generate("general", 2000, seed=99)))
+    assert set("0123456789AB") <= seen
+    with pytest.raises(ValueError, match="unknown aligned base 'aligned-base-v9'; valid: aligned-base, aligned-base-general"):
+        ensure_aligned_base(shape, cache_dir=str(tmp_path), recipe="aligned-base-v9")
+    module = ContinualLM(model="aligned-base-general", base_cache_dir=str(tmp_path))
+    assert module.tokenizer.chat_template  # the built-in tokenizer; the model itself is built at configure_model
+
+
 def test_lr_schedule_restarts_at_every_task():
     module = ContinualLM(warmup_steps=2, lr_schedule="linear")
     module._task_bounds = lambda step: (step % 10, 10)  # tasks of 10 steps
