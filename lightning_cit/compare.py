@@ -72,6 +72,8 @@ class Setting:
     """``--config`` files in order: the setting's base, then its overlays."""
     budgets: list[float] | None = None
     """Budgets run on this setting (None: all of the grid's and the methods' own)."""
+    budget_seeds: list[int] | None = None
+    """Seeds at the budgets other than the main one on this setting (None: the grid's ``budget_seeds``)."""
 
 
 @dataclass
@@ -130,7 +132,8 @@ class Grid:
                 for budget in method.budgets or self.budgets:
                     if setting.budgets is not None and budget not in setting.budgets:
                         continue
-                    seeds = main_seeds if budget == self.main_budget else self.budget_seeds
+                    other_seeds = setting.budget_seeds if setting.budget_seeds is not None else self.budget_seeds
+                    seeds = main_seeds if budget == self.main_budget else other_seeds
                     out.extend(RunSpec(setting, method, budget, seed) for seed in seeds)
         return out
 
@@ -231,8 +234,13 @@ def load_grid(path: str | os.PathLike, repo: Path | None = None) -> Grid:
         for item in config:
             if not (root / item).is_file():
                 raise ConfigError(f"{w}.config: {item!r} is not a file (paths are relative to {root})")
+        unknown = sorted(set(spec) - {"title", "config", "budgets", "budget_seeds"})
+        if unknown:
+            raise ConfigError(f"{w}: unknown keys {unknown}; valid: ['budget_seeds', 'budgets', 'config', 'title']")
         own = spec.get("budgets")
-        settings.append(Setting(name, str(spec.get("title", name)), [str(c) for c in config], [float(b) for b in own] if own else None))
+        own_seeds = spec.get("budget_seeds")
+        settings.append(Setting(name, str(spec.get("title", name)), [str(c) for c in config], [float(b) for b in own] if own else None,
+                                [int(x) for x in own_seeds] if own_seeds is not None else None))
     methods = []
     for name, spec in _require(raw, "methods", where, dict).items():
         w = f"{where}: methods.{name!r}"
@@ -291,6 +299,7 @@ def quick_grid(grid: Grid) -> Grid:
     out = copy.deepcopy(grid)
     for setting in out.settings:
         setting.config = setting.config + list(grid.quick.get("config", []))
+        setting.budget_seeds = None  # the quick size uses quick.budget_seeds everywhere
     out.seeds = [int(s) for s in grid.quick.get("seeds", grid.seeds)]
     out.budget_seeds = [int(s) for s in grid.quick.get("budget_seeds", grid.budget_seeds)]
     if "budgets" in grid.quick:

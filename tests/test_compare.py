@@ -18,6 +18,7 @@ from lightning_cit.compare import (
     bootstrap_interval,
     load_grid,
     mean_se,
+    quick_grid,
     resolved,
     run_config,
     summarize,
@@ -110,6 +111,20 @@ def test_summary_pairs_methods_by_seed_and_divides_cost_by_the_baseline():
 def test_bad_grid_files_are_refused_naming_the_field(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{").replace("}", r"\}")):
         load_grid(write_grid(tmp_path, **change), REPO)
+
+
+def test_a_setting_can_run_more_seeds_at_the_other_budgets(tmp_path):
+    tiny = {"config": ["configs/quickstart.yaml", str(tmp_path / "tiny.yaml")]}
+    settings = {"a": {**tiny, "budget_seeds": [0, 1, 2]}, "b": dict(tiny)}
+    grid = load_grid(write_grid(tmp_path, settings=settings, budgets=[0.1, 0.5], main_budget=0.5, seeds=[0, 1], budget_seeds=[0]), REPO)
+    plan = sorted((r.setting.name, r.method.name, r.budget, r.seed) for r in grid.runs())
+    fixed = [(s, b, seed) for s, m, b, seed in plan if m == "Fixed ratio"]
+    assert fixed == [("a", 0.1, 0), ("a", 0.1, 1), ("a", 0.1, 2), ("a", 0.5, 0), ("a", 0.5, 1),
+                     ("b", 0.1, 0), ("b", 0.5, 0), ("b", 0.5, 1)]
+    quick = quick_grid(grid)  # the quick size keeps its own seeds everywhere
+    assert sorted(r.seed for r in quick.runs() if r.setting.name == "a" and r.budget == 0.1) == [0]
+    with pytest.raises(ConfigError, match=r"settings.a: unknown keys \['seeds'\]"):
+        load_grid(write_grid(tmp_path, settings={"a": {**tiny, "seeds": [1]}}), REPO)
 
 
 def test_a_run_keeps_the_settings_evaluator_and_adds_the_cost_meter(tmp_path):
