@@ -26,7 +26,9 @@ here, and nothing else. A user's own Lightning project uses our callbacks throug
   cost meter (:class:`~lightning_cit.callbacks.CostMeter`) can attribute tokens and CPU time to it.
 - **One setup check** (:class:`Needs`, :func:`check_contract`): every callback states what it needs;
   at ``setup`` one error lists *everything* missing, and the required order of callbacks is checked
-  for every pair that has one (:data:`ORDER`).
+  for every pair that has one (:data:`ORDER`). The batch keys and ``training_step`` outputs a callback
+  reads can only be seen at the first step: they are checked then, once, for every registered callback
+  together (:meth:`ContinualRegistry.check_batch`, :meth:`ContinualRegistry.check_step_outputs`).
 
 Arrows run one way: this file imports nothing of ours above the pure helpers (collate, metrics, loss).
 """
