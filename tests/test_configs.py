@@ -59,6 +59,7 @@ COMPOSITIONS: dict[str, tuple[list[str], list[str]]] = {
     "jsonl_tasks": (["configs/examples/jsonl_tasks.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
     "compare_full": (["configs/quickstart.yaml", "configs/compare/full.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
     "compare_lora": ([LORA_BASE, "configs/compare/lora.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
+    "compare_lora_general": ([LORA_BASE, "configs/compare/lora.yaml", "configs/compare/lora_general.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
     "compare_disjoint_full": (["configs/quickstart.yaml", "configs/compare/disjoint_full.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
     "compare_paraphrase_lcia": ([LORA_BASE, "configs/compare/lora.yaml", "configs/methods/lcia.yaml", "configs/compare/paraphrase_lcia.yaml"],
                                 [CB + "NoReplay", CB + "InstructionGrouping", CB + "DynamicEMA", *EVAL_CKPT]),
