@@ -89,7 +89,7 @@ import lightning.pytorch as pl
 import torch
 from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals
 
-from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs
+from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs, ShardPlan
 from lightning_cit.errors import ConfigError
 
 REPLAY_MODES = ("every_batch", "event")
@@ -463,19 +463,29 @@ class MSSRReplay(MixtureController):
             self._rescore(trainer, pl_module, step)
 
     def _rescore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Teacher-forced loss of every buffer entry; rank 0 computes, every rank applies the same numbers."""
+        """Teacher-forced loss of every buffer entry, split over the ranks; every rank applies the same numbers.
+
+        Each rank scores an equal, padded shard (:class:`~lightning_cit.contract.ShardPlan`): under FSDP FULL_SHARD
+        every forward is a collective, so all ranks must run the same number of them. The shards' losses are
+        gathered in rank order and put back in entry order, so the memory states agree on every rank.
+        """
         self._sync_buffers(trainer)
         dm = trainer.datamodule
-        for task in sorted(self.memory.log_m):
-            losses = None
-            if trainer.global_rank == 0:
+        world, rank = trainer.world_size, trainer.global_rank
+        with pl_module.continual.cost_scope("rescore"):
+            for task in sorted(self.memory.log_m):
+                entries = dm.buffer_samples(task)
+                shard = ShardPlan(list(range(len(entries))), world, rank)
                 was_training = pl_module.training
                 pl_module.eval()
-                losses = pl_module.sample_losses(dm.buffer_samples(task))
+                local = shard.keep(pl_module.sample_losses([entries[i] for i in shard.local])) if shard.local else []
                 if was_training:
                     pl_module.train()
-            losses = trainer.strategy.broadcast(losses, src=0)
-            self.memory.rescore(task, torch.tensor(losses, dtype=torch.float64), step)
+                losses = [0.0] * len(entries)
+                for r, part in enumerate(_gather_lists(trainer, local)):
+                    for i, loss in zip(range(r, len(entries), world), part):
+                        losses[i] = loss
+                self.memory.rescore(task, torch.tensor(losses, dtype=torch.float64), step)
 
     def _review(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
         if not isinstance(outputs, dict) or "per_sample_loss" not in outputs or "sample_ids" not in outputs and "sample_ids" not in batch:
@@ -516,3 +526,14 @@ class MSSRReplay(MixtureController):
         self._last_rescore = int(state_dict.get("last_rescore", -1))
         self.memory._apply_time_scale(float(state_dict.get("time_scale", 1.0)))
         self.review_intervals = list(state_dict.get("review_intervals", []))
+
+
+def _gather_lists(trainer: pl.Trainer, local: list[float]) -> list[list[float]]:
+    """Every rank's list, in rank order (``[local]`` outside distributed runs)."""
+    if trainer.world_size == 1:
+        return [local]
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(parts, local)
+    return parts

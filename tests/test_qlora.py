@@ -362,3 +362,30 @@ def test_two_rank_full_shard_task_end_with_uneven_prompts_matches_one_rank(tmp_p
         assert row_two == pytest.approx(row_one, rel=2e-2)
     for row_one, row_two in zip(one["matrix"], two["matrix"]):
         assert row_two == pytest.approx(row_one, abs=20.0)  # at most one of the five generated answers differs
+
+
+@pytest.mark.reliability_full
+@pytest.mark.skipif(os.environ.get("CIT_RELIABILITY_FULL") != "1", reason="full tier: CIT_RELIABILITY_FULL=1")
+def test_two_rank_full_shard_mssr_rescoring_splits_the_buffer_and_ranks_agree(tmp_path):
+    """MSSR's re-scoring under 2-rank FSDP FULL_SHARD (gloo): each rank scores a padded half of a 5-entry buffer (every
+    forward is a collective, so an unpadded or rank-0-only pass would hang: the run has a timeout), the halves are
+    gathered, and both ranks end with the same memory."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    config_path = twin_config(tmp_path, True, tmp_path / "losses.json")
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"]["devices"] = 2
+    config["trainer"]["strategy"]["init_args"]["sharding_strategy"] = "FULL_SHARD"
+    config["trainer"]["enable_checkpointing"] = False
+    kept = [c for c in config["trainer"]["callbacks"][1:] if "Checkpoint" not in c["class_path"]]
+    mssr = {"class_path": "lightning_cit.callbacks.MSSRReplay",
+            "init_args": {"lambda_0": 0.5, "decision_interval": 2, "rescore_interval": 2}}
+    record = {"class_path": "helpers_callbacks.RecordSamples", "init_args": {"out_dir": str(tmp_path / "record")}}
+    config["trainer"]["callbacks"] = [mssr, *kept, record]
+    config["data"].update(buffer_size=5, steps_per_task=6)
+    config_path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "lightning_cit.cli", "fit", "--config", str(config_path), "--trainer.default_root_dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "record" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["memory"] == ranks[1]["memory"]
+    assert len(ranks[0]["memory"]["log_m"]["0"]) == 5  # task 1's buffer, re-scored at sequence steps 8, 10 and 12
