@@ -462,7 +462,9 @@ def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Te
 def _hidden_size(pl_module: Any) -> int:
     if getattr(pl_module, "model", None) is not None:
         return int(pl_module.model.config.hidden_size)
-    if pl_module.model_name in ("tiny", "aligned-base"):
+    from lightning_cit.base import RECIPES
+
+    if pl_module.model_name == "tiny" or pl_module.model_name in RECIPES:  # the built-in shapes (tiny, the aligned bases)
         return int(pl_module.tiny.hidden_size)
     import os
 

@@ -245,3 +245,15 @@ def test_two_process_ddp_fit_through_the_cli(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     entries = ckpt["ContinualInstructionDataModule"]["buffers"][1]["entries"]
     assert len(entries) == 4 and all(e["prompt_only"] for e in entries)
+
+
+def test_the_latent_pool_width_of_every_built_in_base_is_known_before_the_model_is_built():
+    """The latent-task pool is sized before ``configure_model``: the built-in bases (tiny and both aligned bases) give
+    their shape's width without looking for a checkpoint (a missing name once sent ``aligned-base-general`` to the Hub)."""
+    from lightning_cit.base import RECIPES
+    from lightning_cit.callbacks.jfa import _hidden_size
+    from lightning_cit.module import ContinualLM, TinyLlama
+
+    for name in ("tiny", *RECIPES):
+        module = ContinualLM(model=name, tiny=TinyLlama(hidden_size=48, intermediate_size=96))
+        assert module.model is None and _hidden_size(module) == 48
