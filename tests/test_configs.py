@@ -64,6 +64,14 @@ COMPOSITIONS: dict[str, tuple[list[str], list[str]]] = {
     "compare_paraphrase_lcia": ([LORA_BASE, "configs/compare/lora.yaml", "configs/methods/lcia.yaml", "configs/compare/paraphrase_lcia.yaml"],
                                 [CB + "NoReplay", CB + "InstructionGrouping", CB + "DynamicEMA", *EVAL_CKPT]),
     "compare_quick": (["configs/quickstart.yaml", "configs/compare/full.yaml", "configs/compare/quick.yaml"], [CB + "FixedRatio", *EVAL_CKPT]),
+    "proxymix_mirror_64x1": (["configs/proxymix/proxy.yaml", "configs/proxymix/mirror_sequence.yaml", "configs/proxymix/mirror_shape_64x1.yaml"],
+                              [CB + "FixedRatio", *EVAL_CKPT]),
+    "proxymix_mirror_96x2": (["configs/proxymix/proxy.yaml", "configs/proxymix/mirror_sequence.yaml", "configs/proxymix/mirror_shape_96x2.yaml"],
+                              [CB + "FixedRatio", *EVAL_CKPT]),
+    "proxymix_mirror_128x2": (["configs/proxymix/proxy.yaml", "configs/proxymix/mirror_sequence.yaml", "configs/proxymix/mirror_shape_128x2.yaml"],
+                              [CB + "FixedRatio", *EVAL_CKPT]),
+    "proxymix_mirror_192x3": (["configs/proxymix/proxy.yaml", "configs/proxymix/mirror_sequence.yaml", "configs/proxymix/mirror_shape_192x3.yaml"],
+                              [CB + "FixedRatio", *EVAL_CKPT]),
 }
 # the `lightning-cit proxymix train` configs: their episode's fit (fit_config plus the --config files of fit_args)
 TRAIN_CONFIGS = {"configs/proxymix/train_controller.yaml": "proxymix_proxy", "configs/proxymix/oracle.yaml": "proxymix_target"}
