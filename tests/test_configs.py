@@ -72,9 +72,12 @@ COMPOSITIONS: dict[str, tuple[list[str], list[str]]] = {
                               [CB + "FixedRatio", *EVAL_CKPT]),
     "proxymix_mirror_192x3": (["configs/proxymix/proxy.yaml", "configs/proxymix/mirror_sequence.yaml", "configs/proxymix/mirror_shape_192x3.yaml"],
                               [CB + "FixedRatio", *EVAL_CKPT]),
+    "compare_proxymix_proxy": (["configs/quickstart.yaml", "configs/compare/full.yaml", "configs/compare/proxymix_proxy.yaml"],
+                               [CB + "ProxyMixController", CB + "ForgettingEvaluator"]),
 }
 # the `lightning-cit proxymix train` configs: their episode's fit (fit_config plus the --config files of fit_args)
-TRAIN_CONFIGS = {"configs/proxymix/train_controller.yaml": "proxymix_proxy", "configs/proxymix/oracle.yaml": "proxymix_target"}
+TRAIN_CONFIGS = {"configs/proxymix/train_controller.yaml": "proxymix_proxy", "configs/proxymix/oracle.yaml": "proxymix_target",
+                 "configs/compare/proxymix_train.yaml": "compare_proxymix_proxy"}
 
 PINNED_COMMIT = "c71ee3b264040ced920f82b7ca00209f16797154"  # the last commit with one file per config
 BEFORE_COMPOSITION = {

@@ -263,10 +263,15 @@ class ProxyMixController(MixtureController):
 
     # ---------------------------------------------------------------------------------- reporting
     def scores_section(self) -> dict[str, Any]:
-        """Written to scores.json under ``methods.ProxyMixController``: the replay share chosen in each task."""
+        """Written to scores.json under ``methods.ProxyMixController``: the replay share chosen in each task and its split."""
         per_task: dict[int, list[float]] = {}
+        splits: dict[int, list[list[float]]] = {}
         for decision in self.decisions:
-            per_task.setdefault(decision["task"], []).append(1.0 - decision["weights"][decision["task"]])
+            k, weights = decision["task"], decision["weights"]
+            per_task.setdefault(k, []).append(1.0 - weights[k])
+            replayed = sum(weights[:k])
+            if k >= 1 and replayed > 0:
+                splits.setdefault(k, []).append([w / replayed for w in weights[:k]])
         return {
             "policy_path": self.policy_path,
             "policy_sha256": self.policy_sha256,
@@ -274,6 +279,8 @@ class ProxyMixController(MixtureController):
             "replay_share": self.replay_share,
             "decisions": len(self.decisions),
             "mean_replay_share_per_task": {str(k): sum(v) / len(v) for k, v in sorted(per_task.items())},
+            # how the replay was split over the earlier tasks (fractions of the replay, summing to 1), mean over the task's decisions
+            "mean_split_per_task": {str(k): [sum(col) / len(v) for col in zip(*v)] for k, v in sorted(splits.items())},
             "episode_reward": sum(t["reward"] for t in self.rollout) if self.explore else None,
         }
 
