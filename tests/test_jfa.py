@@ -250,8 +250,9 @@ def test_two_process_ddp_fit_through_the_cli(tmp_path):
 def test_the_latent_pool_width_of_every_built_in_base_is_known_before_the_model_is_built():
     """The latent-task pool is sized before ``configure_model``: the built-in bases (tiny and both aligned bases) give
     their shape's width without looking for a checkpoint (a missing name once sent ``aligned-base-general`` to the Hub)."""
-    from lightning_cit.base import RECIPES
     from lightning_cit.callbacks.jfa import _hidden_size
+
+    from lightning_cit.base import RECIPES
     from lightning_cit.module import ContinualLM, TinyLlama
 
     for name in ("tiny", *RECIPES):
