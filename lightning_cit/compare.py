@@ -677,7 +677,12 @@ def write_report(grid: Grid, records: list[dict], out: Path, command: str, secon
         cells = [c for c in summary["cells"] if c["setting"] == setting.name]
         if not cells:
             continue
-        lines += [f"## {setting.title}", "", f"Config: `{' + '.join(setting.config)}`.", ""]
+        own = []
+        if setting.budgets is not None:
+            own.append("budgets " + ", ".join(_budget_name(b) for b in setting.budgets))
+        if setting.budget_seeds is not None:
+            own.append("seeds at the budgets other than the main one: " + ", ".join(map(str, setting.budget_seeds)))
+        lines += [f"## {setting.title}", "", f"Config: `{' + '.join(setting.config)}`." + (f" On this setting: {'; '.join(own)}." if own else ""), ""]
         diag = cells[0]["diagonal"]
         tasks = next(r["tasks"] for r in records if r["setting"] == setting.name)
         lines.append("Learned right after training (diagonal, mean over this setting's runs): "
