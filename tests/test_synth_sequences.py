@@ -22,7 +22,8 @@ from lightning_cit.cli import resolve_config
 
 DISJOINT = ("disjoint_caps", "disjoint_digits", "disjoint_symbols", "disjoint_parity")
 PARAPHRASE = ("para_a1", "para_a2", "para_b1", "para_b2")
-NEW = DISJOINT + PARAPHRASE
+GENERAL = ("general",)  # the pre-training mixture of the aligned-base-general base (lightning_cit/base.py), stop 22
+NEW = DISJOINT + PARAPHRASE + GENERAL
 
 # sha256 (first 16 hex digits) of json.dumps([generate(name, 50, seed, split) for seed in (0, 1) for split in SPLITS],
 # sort_keys=True), computed before the new families were added
