@@ -37,7 +37,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lightning_cit.callbacks.proxymix.commands import bootstrap_interval, mean_vulnerability_of, spearman, vulnerability
+from lightning_cit.callbacks.proxymix.commands import (
+    bootstrap_interval,
+    mean_vulnerability_of,
+    percentile_interval,
+    spearman,
+    vulnerability,
+)
 
 from lightning_cit.results import atomic_write_json, atomic_write_text
 
@@ -57,28 +63,6 @@ CPU_FILE = "cpu.json"
 
 
 # ------------------------------------------------------------------------------------------ statistics
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks 1..n, ties given their mean rank (as Spearman's ρ uses them)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def _pearson(x: list[float], y: list[float]) -> float:
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy)
-
-
 def permutation_p(x: list[float], y: list[float]) -> tuple[float, float]:
     """Exact permutation p-values of Spearman's ρ(x, y): (one-sided P(ρ_π ≥ ρ), two-sided P(|ρ_π| ≥ |ρ|)).
 
@@ -92,16 +76,15 @@ def permutation_p(x: list[float], y: list[float]) -> tuple[float, float]:
         raise ValueError(f"permutation_p needs two lists of the same length <= 9, got {len(x)} and {len(y)}")
     if len(set(x)) < 2 or len(set(y)) < 2:
         return float("nan"), float("nan")
-    rx, ry = _ranks(x), _ranks(y)
-    observed = _pearson(rx, ry)
+    import numpy as np
+    from scipy.stats import rankdata
+
+    rx = rankdata(x) - (len(x) + 1) / 2  # mean ranks for ties; centred, so ρ is a cosine of rank vectors
+    ry = rankdata(y) - (len(y) + 1) / 2
+    rhos = np.array(list(itertools.permutations(ry))) @ rx / np.sqrt((rx @ rx) * (ry @ ry))  # every pairing's ρ
+    observed = float(rx @ ry / np.sqrt((rx @ rx) * (ry @ ry)))
     tol = 1e-12
-    above = both = total = 0
-    for perm in itertools.permutations(ry):
-        rho = _pearson(rx, list(perm))
-        above += rho >= observed - tol
-        both += abs(rho) >= abs(observed) - tol
-        total += 1
-    return above / total, both / total
+    return float(np.mean(rhos >= observed - tol)), float(np.mean(np.abs(rhos) >= abs(observed) - tol))
 
 
 def pair_statistics(proxy: dict[str, float], target: dict[str, float], seed: int = 0) -> dict:
@@ -130,17 +113,13 @@ def seed_bootstrap(proxy: list[dict[str, float]], target: list[dict[str, float]]
 
     rng = random.Random(seed)
     tasks = list(proxy[0])
-    values = []
-    for _ in range(samples):
+
+    def draw() -> float:
         px = [proxy[rng.randrange(len(proxy))] for _ in proxy]
         ty = [target[rng.randrange(len(target))] for _ in target]
-        rho = spearman([sum(p[t] for p in px) / len(px) for t in tasks], [sum(q[t] for q in ty) / len(ty) for t in tasks])
-        if not math.isnan(rho):
-            values.append(rho)
-    if not values:
-        return float("nan"), float("nan"), 0
-    values.sort()
-    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))], len(values)
+        return spearman([sum(p[t] for p in px) / len(px) for t in tasks], [sum(q[t] for q in ty) / len(ty) for t in tasks])
+
+    return percentile_interval(draw() for _ in range(samples))
 
 
 def verdict(pairs: list[dict], alpha: float = ALPHA) -> str:

@@ -79,10 +79,7 @@ def callback_state_bytes(callbacks: list[Any], trainable_bytes: int) -> tuple[in
             size = copies * (_tensor_bytes(callback.ema.values()) or trainable_bytes)
             parts.append(f"{name} {copies} cop{'y' if copies == 1 else 'ies'} {human_size(size)}")
         elif isinstance(callback, JointFlashbackAdaptation):
-            frozen, snapshot = callback._frozen, callback._snapshot
-            size = (_tensor_bytes(frozen.state_dict().values()) if frozen is not None
-                    else _tensor_bytes(snapshot.values()) if snapshot is not None
-                    else 0 if callback.reference == "base" else trainable_bytes)  # previous_task: taken at the first task end
+            size = callback.reference_bytes(trainable_bytes)
             parts.append(f"{name} reference {human_size(size)}")
         else:
             continue

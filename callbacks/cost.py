@@ -43,7 +43,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_cit.contract import ContinualCallback, Needs, current_cost_scope
+from lightning_cit.contract import ContinualCallback, Needs, current_cost_scope, gather_objects
 from lightning_cit.results import atomic_write_json
 
 TRAIN, OTHER = "train", "other"
@@ -206,7 +206,7 @@ class CostMeter(ContinualCallback):
         keys = self._keys(self.local)
         vector = torch.tensor([self._get(self.local, key) for key in keys], dtype=torch.float64)
         if trainer.world_size > 1:  # ranks may have seen different keys (scopes, tasks): agree on their union first
-            gathered = _all_gather_object(trainer, keys)
+            gathered = gather_objects(keys)
             keys = sorted({k for rank_keys in gathered for k in rank_keys})
             vector = torch.tensor([self._get(self.local, key) for key in keys], dtype=torch.float64)
             vector = trainer.strategy.reduce(vector, reduce_op="sum")
@@ -250,7 +250,7 @@ class CostMeter(ContinualCallback):
         backward = sum(t["backward_positions"].values())
         per_scope_flops = {s: 2 * n * t["forward_positions"][s] + 4 * n * t["backward_positions"].get(s, 0.0) for s in t["forward_positions"]}
         cpu = dict(t["cpu_s"])
-        unlabelled = int(t.get("unlabelled_samples", 0))
+        unlabelled = int(t["unlabelled_samples"])
         known = not unlabelled  # a share counted over batches that did not say what they replayed would be wrong
         return {
             "replay_share": (replay_after_first / samples_after_first if samples_after_first else 0.0) if known else None,
@@ -286,11 +286,3 @@ class CostMeter(ContinualCallback):
                 else:
                     counts[key] = value
             setattr(self, name, counts)
-
-
-def _all_gather_object(trainer: pl.Trainer, obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(out, obj)
-    return out

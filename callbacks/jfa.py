@@ -430,6 +430,14 @@ class JointFlashbackAdaptation(ContinualCallback, LossComponent):
         return loss.detach() + surrogate - surrogate.detach()  # value: the loss; gradient: the projected one
 
     # --------------------------------------------------------------------------------- checkpoint
+    def reference_bytes(self, trainable_bytes: int) -> int:
+        """Bytes the reference adds to every checkpoint (for the disk estimate): the frozen copy or the adapter
+        snapshot held now, else one copy of the trainable weights (``previous_task``: taken at the first task end)."""
+        held = self._frozen.state_dict().values() if self._frozen is not None else self._snapshot.values() if self._snapshot is not None else None
+        if held is not None:
+            return sum(t.numel() * t.element_size() for t in held)
+        return 0 if self.reference == "base" else trainable_bytes
+
     def state_dict(self) -> dict[str, Any]:
         reference = None
         if self._frozen is not None:

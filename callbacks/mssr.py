@@ -89,7 +89,7 @@ import lightning.pytorch as pl
 import torch
 from lightning_cit.callbacks.mixture import MixtureController, MixtureSignals
 
-from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs, ShardPlan
+from lightning_cit.contract import DATA_MIXTURE, ContractError, Needs, ShardPlan, gather_objects
 from lightning_cit.errors import ConfigError
 
 REPLAY_MODES = ("every_batch", "event")
@@ -472,20 +472,20 @@ class MSSRReplay(MixtureController):
         self._sync_buffers(trainer)
         dm = trainer.datamodule
         world, rank = trainer.world_size, trainer.global_rank
+        was_training = pl_module.training
+        pl_module.eval()
         with pl_module.continual.cost_scope("rescore"):
             for task in sorted(self.memory.log_m):
                 entries = dm.buffer_samples(task)
-                shard = ShardPlan(list(range(len(entries))), world, rank)
-                was_training = pl_module.training
-                pl_module.eval()
-                local = shard.keep(pl_module.sample_losses([entries[i] for i in shard.local])) if shard.local else []
-                if was_training:
-                    pl_module.train()
+                shard = ShardPlan(entries, world, rank)  # rank r scores entries[r::world], padded to equal length
+                local = shard.keep(pl_module.sample_losses(shard.local)) if shard.local else []
                 losses = [0.0] * len(entries)
-                for r, part in enumerate(_gather_lists(trainer, local)):
+                for r, part in enumerate(gather_objects(local)):
                     for i, loss in zip(range(r, len(entries), world), part):
                         losses[i] = loss
                 self.memory.rescore(task, torch.tensor(losses, dtype=torch.float64), step)
+        if was_training:
+            pl_module.train()
 
     def _review(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> None:
         if not isinstance(outputs, dict) or "per_sample_loss" not in outputs or "sample_ids" not in outputs and "sample_ids" not in batch:
@@ -526,14 +526,3 @@ class MSSRReplay(MixtureController):
         self._last_rescore = int(state_dict.get("last_rescore", -1))
         self.memory._apply_time_scale(float(state_dict.get("time_scale", 1.0)))
         self.review_intervals = list(state_dict.get("review_intervals", []))
-
-
-def _gather_lists(trainer: pl.Trainer, local: list[float]) -> list[list[float]]:
-    """Every rank's list, in rank order (``[local]`` outside distributed runs)."""
-    if trainer.world_size == 1:
-        return [local]
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(parts, local)
-    return parts

@@ -56,7 +56,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs, ShardPlan, sharded
+from lightning_cit.contract import DATA_MEMORY, ContinualCallback, Needs, ShardPlan, gather_objects, sharded
 from lightning_cit.errors import ConfigError
 from lightning_cit.metrics import MC_ACCURACY, TEXT_METRICS
 from lightning_cit.plugins import import_callable
@@ -248,7 +248,7 @@ class OnPolicyReplay(ContinualCallback):
         began = time.perf_counter()
         synced = world > 1 and sharded(trainer)
         scored, tokens, seconds = self.rollout(pl_module, dm, local, seed=dm.seed * 1000 + finished, rank=rank, real=real, synced_gpus=synced)
-        gathered = _all_gather([(scored, tokens, seconds, time.perf_counter() - began)])
+        gathered = [item for part in gather_objects([(scored, tokens, seconds, time.perf_counter() - began)]) for item in part]
         results: dict[tuple[int, int], tuple[str, float]] = {}
         for part, part_tokens, part_seconds, part_total in gathered:
             results.update({(j, i): (answer, score) for j, i, answer, score in part})
@@ -359,15 +359,6 @@ def ru_scores(metric: str, samples: list[dict], answers: list[str]) -> list[floa
         return [100.0 * (answer == str(s["options"][int(s["answer_index"])])) for s, answer in zip(samples, answers)]
     scorer = TEXT_METRICS[metric]
     return [scorer(answer, s["response"]) for s, answer in zip(samples, answers)]
-
-
-def _all_gather(obj: list[Any]) -> list[Any]:
-    """Every rank's list, concatenated in rank order (the object itself outside distributed runs)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
-        return obj
-    parts: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, obj)
-    return [item for part in parts for item in part]
 
 
 __all__ = ["OnPolicyReplay", "load_reward", "per_task_quota", "ru_scores", "select_by_score"]

@@ -826,6 +826,15 @@ def sharded(trainer: Any) -> bool:
     return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (a collective: every rank calls it); ``[obj]`` outside a distributed run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return [obj]
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
 @dataclass
 class ShardPlan:
     """Equal-sized shards of a list for ``world`` ranks: rank ``r`` gets ``items[r::world]`` padded by repeats.
@@ -867,5 +876,6 @@ __all__ = [
     "TaskClock",
     "check_contract",
     "current_cost_scope",
+    "gather_objects",
     "inference",
 ]

@@ -29,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
@@ -293,19 +294,23 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def percentile_interval(draws: Iterable[float]) -> tuple[float, float, int]:
+    """Percentile 95% interval of bootstrap draws of ρ, NaN draws (a constant side) skipped: (low, high, draws kept)."""
+    values = sorted(v for v in draws if not math.isnan(v))
+    if not values:
+        return float("nan"), float("nan"), 0
+    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))], len(values)
+
+
 def bootstrap_interval(x: list[float], y: list[float], samples: int, seed: int) -> tuple[float, float, int]:
     """Percentile 95% interval of ρ over tasks resampled with replacement; resamples with a constant side are skipped."""
     rng = random.Random(seed)
-    values = []
-    for _ in range(samples):
+
+    def draw() -> float:
         idx = [rng.randrange(len(x)) for _ in x]
-        rho = spearman([x[i] for i in idx], [y[i] for i in idx])
-        if not math.isnan(rho):
-            values.append(rho)
-    if not values:
-        return float("nan"), float("nan"), 0
-    values.sort()
-    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))], len(values)
+        return spearman([x[i] for i in idx], [y[i] for i in idx])
+
+    return percentile_interval(draw() for _ in range(samples))
 
 
 def mirror(argv: list[str]) -> int:
